@@ -1,0 +1,79 @@
+//! The `sixmesh` binary as a user runs it: help, version, exit statuses.
+
+use std::process::{Command, Output};
+
+fn sixmesh(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sixmesh"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run the sixmesh binary")
+}
+
+const SUBCOMMANDS: [&str; 12] = [
+    "registry", "join", "node", "status", "peers", "routes", "slap", "bridge", "frontend", "sim", "demo",
+    "bench",
+];
+
+#[test]
+fn help_lists_every_subcommand_with_a_description() {
+    let out = sixmesh(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for sub in SUBCOMMANDS {
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{sub} ")))
+            .unwrap_or_else(|| panic!("`{sub}` missing from --help:\n{help}"));
+        assert!(line.split_whitespace().count() > 3, "`{sub}` needs a description: {line}");
+    }
+    assert!(help.contains("--log-format"));
+}
+
+#[test]
+fn version_prints_the_package_version() {
+    let out = sixmesh(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("sixmesh {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn unfilled_subcommands_exit_2_and_say_so() {
+    for sub in SUBCOMMANDS {
+        let out = sixmesh(&[sub, "--some-flag", "value"]);
+        assert_eq!(out.status.code(), Some(2), "`sixmesh {sub}`");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("not implemented yet"), "`sixmesh {sub}` said: {err}");
+        assert!(err.contains(&format!("sixmesh {sub}")), "`sixmesh {sub}` said: {err}");
+    }
+}
+
+#[test]
+fn unknown_subcommand_is_a_usage_error() {
+    let out = sixmesh(&["frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8(out.stderr).unwrap().contains("frobnicate"));
+}
+
+#[test]
+fn bad_rust_log_is_reported_not_ignored() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sixmesh"))
+        .arg("status")
+        .env("RUST_LOG", "sixmesh=notalevel")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8(out.stderr).unwrap().contains("RUST_LOG"));
+}
+
+#[test]
+fn log_format_json_is_accepted() {
+    let out = sixmesh(&["--log-format", "json", "status"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = sixmesh(&["--log-format", "yaml", "status"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8(out.stderr).unwrap().contains("yaml"));
+}
