@@ -17,5 +17,7 @@
 //! Status: the modules above arrive with the routing issue; this crate is the
 //! placeholder the workspace builds on.
 
+pub mod wire;
+
 /// The UDP port Babel speaks on (RFC 8966 §4).
 pub const BABEL_PORT: u16 = 6696;
