@@ -17,6 +17,7 @@
 //! Status: the modules above arrive with the routing issue; this crate is the
 //! placeholder the workspace builds on.
 
+pub mod core;
 pub mod wire;
 
 /// The UDP port Babel speaks on (RFC 8966 §4).

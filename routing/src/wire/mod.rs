@@ -75,7 +75,11 @@ impl RouterId {
 impl fmt::Display for RouterId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]
+        )
     }
 }
 
@@ -106,7 +110,10 @@ impl std::str::FromStr for RouterId {
 pub enum RequestTarget {
     /// AE 0: a full dump is asked for.
     All,
-    Prefix { prefix: IpNet, src: Option<IpNet> },
+    Prefix {
+        prefix: IpNet,
+        src: Option<IpNet>,
+    },
 }
 
 /// A Babel message with the parser state applied.
@@ -215,7 +222,10 @@ impl From<WireError> for Skip {
 
 /// Splits sub-TLVs into the ones we interpret; fails on an unknown
 /// mandatory one. `allow_src` says whether Source Prefix is meaningful here.
-fn known_subs(subs: &[RawSubTlv], allow_src: bool) -> Result<(Option<&[u8]>, Option<&[u8]>), Skip> {
+/// The bodies of the Timestamp and Source Prefix sub-TLVs of a TLV.
+type KnownSubs<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+
+fn known_subs(subs: &[RawSubTlv], allow_src: bool) -> Result<KnownSubs<'_>, Skip> {
     let (mut ts, mut src) = (None, None);
     for s in subs {
         match s {
@@ -260,7 +270,7 @@ fn make_prefix(ae: u8, plen: u8, bytes: &[u8], default: &[u8]) -> Option<IpNet> 
         }
         3 => {
             // fe80::/64 is implied; the 8 bytes are the interface id.
-            if plen < 64 || plen > 128 || !default.is_empty() || bytes.len() > 8 {
+            if !(64..=128).contains(&plen) || !default.is_empty() || bytes.len() > 8 {
                 return None;
             }
             let mut a = [0u8; 16];
@@ -347,7 +357,7 @@ fn apply(st: &mut State, raw: RawTlv) -> Result<Option<Message>, Skip> {
                     }
                     None
                 }
-                1 | 2 | 3 => {
+                1..=3 => {
                     let default: &[u8] = match ae {
                         1 => &st.default_v4,
                         2 => &st.default_v6,
@@ -550,7 +560,12 @@ impl PacketBuilder {
             }
             Message::RouteReq(RequestTarget::Prefix { prefix, src }) => {
                 let (ae, bytes) = prefix_ae(prefix);
-                tlvs.push(RawTlv::RouteReq { ae, plen: prefix.prefix_len(), prefix: bytes, subs: src_sub(src) })
+                tlvs.push(RawTlv::RouteReq {
+                    ae,
+                    plen: prefix.prefix_len(),
+                    prefix: bytes,
+                    subs: src_sub(src),
+                })
             }
             Message::SeqnoReq { prefix, src, seqno, hop_count, router_id } => {
                 let (ae, bytes) = prefix_ae(prefix);
@@ -581,7 +596,8 @@ impl PacketBuilder {
             RawTlv::NextHop { ae, reserved: 0, addr, subs: vec![] }
         });
         let extra = |s: &Self| {
-            (if need_id(s) { 12 } else { 0 }) + (if need_nh(s) { nh_tlv.as_ref().map_or(0, |t| t.emitted_len()) } else { 0 })
+            (if need_id(s) { 12 } else { 0 })
+                + (if need_nh(s) { nh_tlv.as_ref().map_or(0, |t| t.emitted_len()) } else { 0 })
         };
         // An update whose next hop is the sender cannot follow a Next Hop TLV
         // in the same packet: the parser state would give it that next hop.

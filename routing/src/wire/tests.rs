@@ -176,7 +176,9 @@ fn wildcard_requests_and_retractions() {
 fn builder_inserts_router_id_once_and_splits_at_mtu() {
     let updates: Vec<Message> = (0..100u16)
         .map(|i| Message::Update {
-            prefix: Some(IpNet::V6(Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, i, 0, 0, 0, 0, 0), 64).unwrap())),
+            prefix: Some(IpNet::V6(
+                Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, i, 0, 0, 0, 0, 0), 64).unwrap(),
+            )),
             src: None,
             router_id: RID,
             next_hop: None,
@@ -230,7 +232,8 @@ fn arb_router_id() -> impl Strategy<Value = RouterId> {
 }
 
 fn arb_v6net(min: u8) -> impl Strategy<Value = IpNet> {
-    (any::<u128>(), min..=128u8).prop_map(|(a, l)| IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), l).unwrap().trunc()))
+    (any::<u128>(), min..=128u8)
+        .prop_map(|(a, l)| IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), l).unwrap().trunc()))
 }
 
 fn arb_v4net() -> impl Strategy<Value = IpNet> {
@@ -267,14 +270,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<u16>(),
             any::<u16>()
         )
-            .prop_map(|(prefix, src, router_id, next_hop, seqno, metric, interval)| Message::Update {
-                prefix: Some(prefix),
-                src,
-                router_id,
-                next_hop,
-                seqno,
-                metric,
-                interval,
+            .prop_map(|(prefix, src, router_id, next_hop, seqno, metric, interval)| {
+                Message::Update { prefix: Some(prefix), src, router_id, next_hop, seqno, metric, interval }
             }),
         (any::<u16>(), any::<u16>()).prop_map(|(seqno, interval)| Message::Update {
             prefix: None,
@@ -286,14 +283,14 @@ fn arb_message() -> impl Strategy<Value = Message> {
             interval,
         }),
         Just(Message::RouteReq(RequestTarget::All)),
-        (prefix.clone(), proptest::option::of(arb_v6net(1)))
-            .prop_map(|(prefix, src)| Message::RouteReq(RequestTarget::Prefix {
-                src: src.filter(|_| prefix.addr().is_ipv6()),
-                prefix
-            })),
-        (prefix, any::<u16>(), any::<u8>(), arb_router_id()).prop_map(|(prefix, seqno, hop_count, router_id)| {
-            Message::SeqnoReq { prefix, src: None, seqno, hop_count, router_id }
-        }),
+        (prefix.clone(), proptest::option::of(arb_v6net(1))).prop_map(|(prefix, src)| Message::RouteReq(
+            RequestTarget::Prefix { src: src.filter(|_| prefix.addr().is_ipv6()), prefix }
+        )),
+        (prefix, any::<u16>(), any::<u8>(), arb_router_id()).prop_map(
+            |(prefix, seqno, hop_count, router_id)| {
+                Message::SeqnoReq { prefix, src: None, seqno, hop_count, router_id }
+            }
+        ),
     ]
 }
 
@@ -301,7 +298,8 @@ fn arb_sub() -> impl Strategy<Value = RawSubTlv> + Clone {
     prop_oneof![
         Just(RawSubTlv::Pad1),
         (0..8u8).prop_map(RawSubTlv::PadN),
-        (2..=255u8, proptest::collection::vec(any::<u8>(), 0..12)).prop_map(|(ty, body)| RawSubTlv::Other { ty, body }),
+        (2..=255u8, proptest::collection::vec(any::<u8>(), 0..12))
+            .prop_map(|(ty, body)| RawSubTlv::Other { ty, body }),
     ]
 }
 
@@ -335,7 +333,8 @@ fn arb_raw_tlv() -> impl Strategy<Value = RawTlv> {
                 }
             }
         ),
-        (11..=255u8, proptest::collection::vec(any::<u8>(), 0..40)).prop_map(|(ty, body)| RawTlv::Unknown { ty, body }),
+        (11..=255u8, proptest::collection::vec(any::<u8>(), 0..40))
+            .prop_map(|(ty, body)| RawTlv::Unknown { ty, body }),
     ]
 }
 

@@ -46,7 +46,10 @@ pub enum RawSubTlv {
     /// PadN with this many bytes of body.
     PadN(u8),
     /// Any other sub-TLV, kept verbatim (Timestamp, Source Prefix, unknown).
-    Other { ty: u8, body: Vec<u8> },
+    Other {
+        ty: u8,
+        body: Vec<u8>,
+    },
 }
 
 impl RawSubTlv {
@@ -137,7 +140,10 @@ pub enum RawTlv {
     },
     /// A TLV type this codec does not interpret (MAC, PC, challenges, future
     /// types), kept verbatim so that it can be skipped or re-emitted.
-    Unknown { ty: u8, body: Vec<u8> },
+    Unknown {
+        ty: u8,
+        body: Vec<u8>,
+    },
 }
 
 /// A whole packet: its TLVs and the trailer that followed the body.
@@ -291,7 +297,9 @@ fn parse_subs(t: u8, mut b: &[u8]) -> Result<Vec<RawSubTlv>, WireError> {
         }
         let (st, len) = (b[0], b[1] as usize);
         let body = &b[2..2 + len];
-        subs.push(if st == sub::PADN { RawSubTlv::PadN(len as u8) } else {
+        subs.push(if st == sub::PADN {
+            RawSubTlv::PadN(len as u8)
+        } else {
             RawSubTlv::Other { ty: st, body: body.to_vec() }
         });
         b = &b[2 + len..];

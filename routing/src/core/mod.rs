@@ -1,0 +1,1208 @@
+//! The sans-IO Babel router (RFC 8966, with RFC 9616 RTT costs and RFC 9079
+//! source-specific routes).
+//!
+//! A [`Router`] never touches a socket or a clock: the driver (or netsim)
+//! feeds it packets with [`Router::handle_packet`] and wakes it at
+//! [`Router::poll_timeout`] with [`Router::handle_timeout`]; it answers with
+//! datagrams to send ([`Router::poll_transmit`]) and route changes to apply
+//! ([`Router::poll_event`]). Every method takes `now`; the same inputs give
+//! the same outputs.
+
+mod tables;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv6Net};
+
+use self::tables::{Installed, Neighbour, RouteEntry, Slot, Source};
+pub use self::tables::{NeighbourInfo, RouteInfo, seqno_newer};
+use crate::wire::{self, INFINITY, Message, PacketBuilder, RequestTarget, RouterId};
+
+/// Opaque interface handle chosen by the driver (an ifindex, a tunnel id).
+pub type IfaceId = u32;
+
+/// A route's key: destination prefix and optional source prefix (RFC 9079).
+pub type RouteKey = (Ipv6Net, Option<Ipv6Net>);
+
+/// The kind of link an interface is, which sets its defaults like babeld's
+/// `type wired` and `type tunnel`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkKind {
+    /// Cost 96, 2-out-of-3, no timestamps.
+    Wired,
+    /// Cost 96, 2-out-of-3, timestamps and an RTT penalty of up to 96.
+    Tunnel,
+}
+
+/// RTT-based cost (RFC 9616), with babeld's parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RttConfig {
+    /// Weight of a new sample, out of 256 (babeld `rtt-decay`, 42).
+    pub decay: u32,
+    /// Below this RTT there is no penalty (babeld `rtt-min`, 10 ms).
+    pub min: Duration,
+    /// At and above this RTT the penalty is `max_penalty` (`rtt-max`, 120 ms).
+    pub max: Duration,
+    /// Largest cost added (babeld `max-rtt-penalty`, 96 on tunnels).
+    pub max_penalty: u16,
+}
+
+impl Default for RttConfig {
+    fn default() -> Self {
+        RttConfig {
+            decay: 42,
+            min: Duration::from_millis(10),
+            max: Duration::from_millis(120),
+            max_penalty: 96,
+        }
+    }
+}
+
+/// Per-interface settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceConfig {
+    pub kind: LinkKind,
+    /// Our link-local address on this interface: IHUs about it are ours.
+    pub link_local: Ipv6Addr,
+    /// Multicast Hello interval (default 4 s).
+    pub hello_interval: Duration,
+    /// Full-table update interval (default 4 × the Hello interval).
+    pub update_interval: Duration,
+    /// Nominal link cost (96).
+    pub cost: u16,
+    /// Timestamps and RTT cost; `Some` on tunnels by default.
+    pub rtt: Option<RttConfig>,
+    /// Largest Babel packet to send on this interface.
+    pub mtu: usize,
+}
+
+impl InterfaceConfig {
+    /// Defaults for a link of this kind.
+    pub fn new(kind: LinkKind, link_local: Ipv6Addr) -> Self {
+        InterfaceConfig {
+            kind,
+            link_local,
+            hello_interval: Duration::from_secs(4),
+            update_interval: Duration::from_secs(16),
+            cost: 96,
+            rtt: (kind == LinkKind::Tunnel).then(RttConfig::default),
+            mtu: 1400,
+        }
+    }
+
+    /// Sets the Hello interval and, with it, the update interval (4 ×).
+    pub fn with_hello_interval(mut self, hello: Duration) -> Self {
+        self.hello_interval = hello;
+        self.update_interval = hello * 4;
+        self
+    }
+
+    /// IHU interval: with every Hello on links that measure RTT (each IHU
+    /// carries a sample), every third Hello otherwise.
+    fn ihu_every(&self) -> u16 {
+        if self.rtt.is_some() { 1 } else { 3 }
+    }
+}
+
+/// Where a datagram goes on its interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Destination {
+    /// ff02::1:6, port 6696.
+    Multicast,
+    /// A neighbour's link-local address, port 6696.
+    Unicast(Ipv6Addr),
+}
+
+/// A datagram to send from our link-local address on `iface`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub iface: IfaceId,
+    pub dst: Destination,
+    pub payload: Vec<u8>,
+}
+
+/// Something the driver should act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Install (or replace) the route for `prefix` from `src` through
+    /// `next_hop` on `iface`.
+    Selected {
+        prefix: Ipv6Net,
+        src: Option<Ipv6Net>,
+        iface: IfaceId,
+        next_hop: Ipv6Addr,
+        metric: u16,
+        router_id: RouterId,
+    },
+    /// Remove the route for `prefix` from `src`.
+    Unselected { prefix: Ipv6Net, src: Option<Ipv6Net> },
+    /// A neighbour became usable (finite cost) on `iface`.
+    NeighbourUp { iface: IfaceId, addr: Ipv6Addr },
+    /// A neighbour stopped being usable or disappeared.
+    NeighbourDown { iface: IfaceId, addr: Ipv6Addr },
+    /// Our seqno changed: persist it, so that a restart is not ignored.
+    SeqnoChanged(u16),
+}
+
+/// Counters for operators and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// Packets dropped whole: bad header, non-link-local source, unknown iface.
+    pub packets_dropped: u64,
+    /// TLVs skipped inside otherwise good packets.
+    pub tlvs_dropped: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Hello(IfaceId),
+    Update(IfaceId),
+    Neighbour(u32),
+    RouteExpiry(u32, u32),
+    Urgent(u32),
+    Request(u32),
+    SourceGc,
+}
+
+/// How long an unused source (feasibility distance) is kept (RFC 8966 B).
+const SOURCE_GC: Duration = Duration::from_secs(180);
+/// Hop count of the seqno requests we originate.
+const REQUEST_HOPS: u8 = 64;
+/// A new route must beat the selected one by this much to replace it.
+const HYSTERESIS: u16 = 16;
+/// Retractions and seqno-bumped updates are sent this many times.
+const URGENT_REPEAT: u8 = 3;
+const URGENT_INTERVAL: Duration = Duration::from_millis(200);
+/// Seqno requests are resent after this, doubling, up to `REQUEST_RESENDS`.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+const REQUEST_RESENDS: u8 = 2;
+
+#[derive(Debug)]
+struct Iface {
+    cfg: InterfaceConfig,
+    hello_seqno: u16,
+    hellos_sent: u16,
+}
+
+/// A seqno request we sent or forwarded, kept until answered or given up.
+#[derive(Clone, Debug)]
+struct Pending {
+    key: RouteKey,
+    router_id: RouterId,
+    seqno: u16,
+    hop_count: u8,
+    /// Neighbours the request was sent to (`None`: multicast everywhere).
+    to: Vec<u32>,
+    resends: u8,
+    timeout: Duration,
+}
+
+/// The router. See the module documentation.
+#[derive(Debug)]
+pub struct Router {
+    id: RouterId,
+    seqno: u16,
+    epoch: Instant,
+    rng: u64,
+    ifaces: BTreeMap<IfaceId, Iface>,
+    neighbours: HashMap<u32, Neighbour>,
+    by_addr: HashMap<(IfaceId, Ipv6Addr), u32>,
+    next_nbr: u32,
+    routes: HashMap<RouteKey, Slot>,
+    route_ids: HashMap<RouteKey, u32>,
+    route_keys: HashMap<u32, RouteKey>,
+    xroutes: BTreeSet<RouteKey>,
+    sources: HashMap<(RouteKey, RouterId), Source>,
+    pending: HashMap<u32, Pending>,
+    urgent: HashMap<u32, u8>,
+    triggered: BTreeSet<RouteKey>,
+    out: BTreeMap<(IfaceId, Destination), Vec<Message>>,
+    timers: BinaryHeap<Reverse<(Instant, u64, Timer)>>,
+    timer_seq: u64,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    stats: Stats,
+}
+
+impl Router {
+    /// A router with this id, starting from `seqno` (persist it across
+    /// restarts; see [`Event::SeqnoChanged`]).
+    pub fn new(id: RouterId, seqno: u16, now: Instant) -> Self {
+        let mut r = Router {
+            id,
+            seqno,
+            epoch: now,
+            rng: u64::from_be_bytes(id.0) | 1,
+            ifaces: BTreeMap::new(),
+            neighbours: HashMap::new(),
+            by_addr: HashMap::new(),
+            next_nbr: 0,
+            routes: HashMap::new(),
+            route_ids: HashMap::new(),
+            route_keys: HashMap::new(),
+            xroutes: BTreeSet::new(),
+            sources: HashMap::new(),
+            pending: HashMap::new(),
+            urgent: HashMap::new(),
+            triggered: BTreeSet::new(),
+            out: BTreeMap::new(),
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: Stats::default(),
+        };
+        r.schedule(now + Duration::from_secs(60), Timer::SourceGc);
+        r
+    }
+
+    /// Our router-id.
+    pub fn id(&self) -> RouterId {
+        self.id
+    }
+
+    /// Our current seqno.
+    pub fn seqno(&self) -> u16 {
+        self.seqno
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    // ---------------------------------------------------------------- API
+
+    /// Starts speaking Babel on an interface: Hellos begin at once and a
+    /// wildcard route request asks the link for its routes.
+    pub fn add_interface(&mut self, now: Instant, iface: IfaceId, cfg: InterfaceConfig) {
+        if self.ifaces.contains_key(&iface) {
+            self.remove_interface(now, iface);
+        }
+        let seqno = (self.next_random() & 0xffff) as u16;
+        self.ifaces.insert(iface, Iface { cfg, hello_seqno: seqno, hellos_sent: 0 });
+        self.send_hello(now, iface);
+        self.queue(iface, Destination::Multicast, Message::RouteReq(RequestTarget::All));
+        self.send_full_update(now, iface, Destination::Multicast);
+        let (h, u) = {
+            let c = &self.ifaces[&iface].cfg;
+            (c.hello_interval, c.update_interval)
+        };
+        let jitter = self.jitter(h);
+        self.schedule(now + h - jitter, Timer::Hello(iface));
+        let jitter = self.jitter(u);
+        self.schedule(now + u - jitter, Timer::Update(iface));
+        self.flush(now);
+    }
+
+    /// Stops speaking on an interface; its neighbours and their routes go.
+    pub fn remove_interface(&mut self, now: Instant, iface: IfaceId) {
+        if self.ifaces.remove(&iface).is_none() {
+            return;
+        }
+        let gone: Vec<u32> =
+            self.neighbours.iter().filter(|(_, n)| n.iface == iface).map(|(id, _)| *id).collect();
+        for id in gone {
+            self.drop_neighbour(now, id);
+        }
+        self.out.retain(|(i, _), _| *i != iface);
+        self.flush(now);
+    }
+
+    /// The interfaces and their settings.
+    pub fn interfaces(&self) -> impl Iterator<Item = (IfaceId, &InterfaceConfig)> {
+        self.ifaces.iter().map(|(id, i)| (*id, &i.cfg))
+    }
+
+    /// Originates a route to `prefix` (from `src`, if source-specific).
+    pub fn announce(&mut self, now: Instant, prefix: Ipv6Net, src: Option<Ipv6Net>) {
+        let key = (prefix.trunc(), src.map(|s| s.trunc()));
+        if self.xroutes.insert(key) {
+            if let Some(slot) = self.routes.get_mut(&key) {
+                slot.selected = None;
+                if slot.installed.take().is_some() {
+                    self.events.push_back(Event::Unselected { prefix: key.0, src: key.1 });
+                }
+            }
+            self.trigger(key, true);
+            self.flush(now);
+        }
+    }
+
+    /// Stops originating a route; neighbours get a retraction.
+    pub fn withdraw(&mut self, now: Instant, prefix: Ipv6Net, src: Option<Ipv6Net>) {
+        let key = (prefix.trunc(), src.map(|s| s.trunc()));
+        if self.xroutes.remove(&key) {
+            self.reselect(now, key);
+            self.trigger(key, true);
+            self.flush(now);
+        }
+    }
+
+    /// The prefixes we originate.
+    pub fn announced(&self) -> impl Iterator<Item = &RouteKey> {
+        self.xroutes.iter()
+    }
+
+    /// Processes a datagram received on `iface` from `src` (the sender's
+    /// link-local address; anything else is dropped, like babeld does).
+    pub fn handle_packet(&mut self, now: Instant, iface: IfaceId, src: Ipv6Addr, bytes: &[u8]) {
+        self.stats.packets_in += 1;
+        self.stats.bytes_in += bytes.len() as u64;
+        if !is_link_local(&src) || !self.ifaces.contains_key(&iface) {
+            self.stats.packets_dropped += 1;
+            return;
+        }
+        let decoded = match wire::decode(bytes) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(%src, iface, "dropped Babel packet: {e}");
+                self.stats.packets_dropped += 1;
+                return;
+            }
+        };
+        self.stats.tlvs_dropped += u64::from(decoded.errors);
+        let nbr = self.neighbour_for(now, iface, src);
+        // RFC 9616: the Hello's timestamp in this packet is t3 for the IHUs.
+        let mut packet_ts = None;
+        for m in &decoded.messages {
+            if let Message::Hello { unicast: false, timestamp: Some(t), .. } = m {
+                packet_ts = Some(*t);
+            }
+        }
+        for m in decoded.messages {
+            self.handle_message(now, nbr, m, packet_ts);
+        }
+        self.flush(now);
+    }
+
+    /// Runs the timers that are due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((at, _, timer))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            self.fire(now, at, timer);
+        }
+        self.flush(now);
+    }
+
+    /// When [`Router::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The neighbour table.
+    pub fn neighbours(&self, now: Instant) -> Vec<NeighbourInfo> {
+        let mut v: Vec<_> =
+            self.neighbours.values().map(|n| n.info(now, &self.ifaces[&n.iface].cfg)).collect();
+        v.sort_by_key(|n| (n.iface, n.addr));
+        v
+    }
+
+    /// Every route we know, selected or not, and the ones we originate
+    /// (with metric 0 and no next hop).
+    pub fn routes(&self) -> Vec<RouteInfo> {
+        let mut v = Vec::new();
+        for key in &self.xroutes {
+            v.push(RouteInfo {
+                prefix: key.0,
+                src: key.1,
+                router_id: self.id,
+                seqno: self.seqno,
+                metric: 0,
+                refmetric: 0,
+                next_hop: None,
+                iface: None,
+                selected: true,
+                feasible: true,
+            });
+        }
+        for (key, slot) in &self.routes {
+            for (i, e) in slot.entries.iter().enumerate() {
+                let n = &self.neighbours[&e.nbr];
+                v.push(RouteInfo {
+                    prefix: key.0,
+                    src: key.1,
+                    router_id: e.router_id,
+                    seqno: e.seqno,
+                    metric: e.metric,
+                    refmetric: e.refmetric,
+                    next_hop: Some(e.next_hop),
+                    iface: Some(n.iface),
+                    selected: slot.selected == Some(i),
+                    feasible: self.feasible(key, e.router_id, e.seqno, e.refmetric),
+                });
+            }
+        }
+        v.sort_by(|a, b| {
+            (a.prefix, a.src, !a.selected, a.metric).cmp(&(b.prefix, b.src, !b.selected, b.metric))
+        });
+        v
+    }
+
+    /// The selected route for a destination: (iface, next hop, metric).
+    pub fn selected(&self, key: &RouteKey) -> Option<(IfaceId, Ipv6Addr, u16)> {
+        let slot = self.routes.get(key)?;
+        let e = &slot.entries[slot.selected?];
+        Some((self.neighbours[&e.nbr].iface, e.next_hop, e.metric))
+    }
+
+    // ------------------------------------------------------- neighbours
+
+    fn neighbour_for(&mut self, now: Instant, iface: IfaceId, addr: Ipv6Addr) -> u32 {
+        if let Some(id) = self.by_addr.get(&(iface, addr)) {
+            return *id;
+        }
+        let id = self.next_nbr;
+        self.next_nbr = self.next_nbr.wrapping_add(1);
+        self.neighbours.insert(id, Neighbour::new(iface, addr, now));
+        self.by_addr.insert((iface, addr), id);
+        tracing::debug!(iface, %addr, "new Babel neighbour");
+        // Ask the newcomer for its routes.
+        self.queue(iface, Destination::Unicast(addr), Message::RouteReq(RequestTarget::All));
+        self.schedule_neighbour(id);
+        id
+    }
+
+    fn drop_neighbour(&mut self, now: Instant, id: u32) {
+        let Some(n) = self.neighbours.remove(&id) else { return };
+        self.by_addr.remove(&(n.iface, n.addr));
+        if n.was_up {
+            self.events.push_back(Event::NeighbourDown { iface: n.iface, addr: n.addr });
+        }
+        let keys: Vec<RouteKey> = self
+            .routes
+            .iter()
+            .filter(|(_, s)| s.entries.iter().any(|e| e.nbr == id))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            if let Some(slot) = self.routes.get_mut(&key) {
+                slot.remove_nbr(id);
+            }
+            self.reselect(now, key);
+        }
+        for p in self.pending.values_mut() {
+            p.to.retain(|t| *t != id);
+        }
+    }
+
+    /// Applies a change of a neighbour's link cost to its routes.
+    fn neighbour_changed(&mut self, now: Instant, id: u32) {
+        let Some(n) = self.neighbours.get_mut(&id) else { return };
+        let cfg = &self.ifaces[&n.iface].cfg;
+        let cost = n.cost(now, cfg);
+        let up = cost < INFINITY;
+        if up != n.was_up {
+            n.was_up = up;
+            let ev = if up {
+                Event::NeighbourUp { iface: n.iface, addr: n.addr }
+            } else {
+                Event::NeighbourDown { iface: n.iface, addr: n.addr }
+            };
+            tracing::debug!(iface = n.iface, addr = %n.addr, up, "Babel neighbour reachability changed");
+            self.events.push_back(ev);
+        }
+        if cost == n.last_cost {
+            return;
+        }
+        n.last_cost = cost;
+        let keys: Vec<RouteKey> = self
+            .routes
+            .iter()
+            .filter(|(_, s)| s.entries.iter().any(|e| e.nbr == id))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            if let Some(slot) = self.routes.get_mut(&key) {
+                for e in slot.entries.iter_mut().filter(|e| e.nbr == id) {
+                    e.metric = add_metric(cost, e.refmetric);
+                }
+            }
+            self.reselect(now, key);
+        }
+    }
+
+    fn check_neighbour(&mut self, now: Instant, id: u32) {
+        let Some(n) = self.neighbours.get_mut(&id) else { return };
+        n.scheduled = None;
+        n.expire(now);
+        if n.is_dead(now) {
+            self.drop_neighbour(now, id);
+            return;
+        }
+        self.neighbour_changed(now, id);
+        self.schedule_neighbour(id);
+    }
+
+    fn schedule_neighbour(&mut self, id: u32) {
+        let Some(n) = self.neighbours.get_mut(&id) else { return };
+        let Some(next) = n.next_deadline() else { return };
+        if n.scheduled.is_none_or(|s| next < s) {
+            n.scheduled = Some(next);
+            self.schedule(next, Timer::Neighbour(id));
+        }
+    }
+
+    // ---------------------------------------------------------- messages
+
+    fn handle_message(&mut self, now: Instant, nbr: u32, m: Message, packet_ts: Option<u32>) {
+        let (iface, from) = {
+            let n = &self.neighbours[&nbr];
+            (n.iface, n.addr)
+        };
+        match m {
+            Message::AckReq { opaque, .. } => {
+                self.queue(iface, Destination::Unicast(from), Message::Ack { opaque });
+            }
+            Message::Ack { .. } => {}
+            Message::Hello { unicast: true, .. } => {}
+            Message::Hello { unicast: false, seqno, interval, timestamp } => {
+                let ts = timestamp.map(|t| (t, self.timestamp(now)));
+                let n = self.neighbours.get_mut(&nbr).expect("neighbour");
+                n.hello(now, seqno, interval, ts);
+                self.neighbour_changed(now, nbr);
+                self.schedule_neighbour(nbr);
+            }
+            Message::Ihu { rxcost, interval, addr, timestamps } => {
+                let ours = self.ifaces[&iface].cfg.link_local;
+                if addr.is_some_and(|a| a != IpAddr::V6(ours)) {
+                    return;
+                }
+                let rtt = match (timestamps, packet_ts) {
+                    // RFC 9616 §3.2: (t4 - t1) - (t3 - t2).
+                    (Some((t1, t2)), Some(t3)) if t1 != 0 && t2 != 0 => {
+                        let t4 = self.timestamp(now);
+                        let total = t4.wrapping_sub(t1) as i32;
+                        let remote = t3.wrapping_sub(t2) as i32;
+                        Some(Duration::from_micros(total.saturating_sub(remote).max(0) as u64))
+                    }
+                    _ => None,
+                };
+                let cfg = self.ifaces[&iface].cfg.clone();
+                let n = self.neighbours.get_mut(&nbr).expect("neighbour");
+                n.ihu(now, rxcost, interval, rtt, &cfg);
+                self.neighbour_changed(now, nbr);
+                self.schedule_neighbour(nbr);
+            }
+            Message::Update { prefix: None, .. } => {
+                let keys: Vec<RouteKey> = self
+                    .routes
+                    .iter()
+                    .filter(|(_, s)| s.entries.iter().any(|e| e.nbr == nbr))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for key in keys {
+                    self.routes.get_mut(&key).expect("slot").remove_nbr(nbr);
+                    self.reselect(now, key);
+                }
+            }
+            Message::Update {
+                prefix: Some(IpNet::V6(prefix)),
+                src,
+                router_id,
+                next_hop,
+                seqno,
+                metric,
+                interval,
+            } => {
+                let src = match src {
+                    None => None,
+                    Some(IpNet::V6(s)) => Some(s),
+                    Some(IpNet::V4(_)) => return,
+                };
+                // Our own routes echoed back are not routes (retractions are
+                // about the neighbour's entry whatever router-id they carry).
+                if router_id == self.id && metric != INFINITY {
+                    return;
+                }
+                let next_hop = match next_hop {
+                    Some(IpAddr::V6(a)) => a,
+                    _ => from,
+                };
+                self.handle_update(now, nbr, (prefix, src), router_id, next_hop, seqno, metric, interval);
+            }
+            // IPv4 routes are parsed and ignored: the mesh is IPv6.
+            Message::Update { .. } => {}
+            Message::RouteReq(RequestTarget::All) => {
+                self.send_full_update(now, iface, Destination::Unicast(from));
+            }
+            Message::RouteReq(RequestTarget::Prefix { prefix: IpNet::V6(p), src }) => {
+                let src = match src {
+                    Some(IpNet::V6(s)) => Some(s),
+                    Some(IpNet::V4(_)) => return,
+                    None => None,
+                };
+                let key = (p, src);
+                let msg = self.update_message(&key, iface);
+                self.note_sent(now, &key, &msg);
+                self.queue(iface, Destination::Unicast(from), msg);
+            }
+            Message::RouteReq(_) => {}
+            Message::SeqnoReq { prefix: IpNet::V6(p), src, seqno, hop_count, router_id } => {
+                let src = match src {
+                    Some(IpNet::V6(s)) => Some(s),
+                    Some(IpNet::V4(_)) => return,
+                    None => None,
+                };
+                self.handle_seqno_request(now, nbr, (p, src), seqno, hop_count, router_id);
+            }
+            Message::SeqnoReq { .. } => {}
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_update(
+        &mut self,
+        now: Instant,
+        nbr: u32,
+        key: RouteKey,
+        router_id: RouterId,
+        next_hop: Ipv6Addr,
+        seqno: u16,
+        refmetric: u16,
+        interval: u16,
+    ) {
+        let cost = {
+            let n = &self.neighbours[&nbr];
+            n.cost(now, &self.ifaces[&n.iface].cfg)
+        };
+        if refmetric == INFINITY {
+            if let Some(slot) = self.routes.get_mut(&key)
+                && slot.remove_nbr(nbr)
+            {
+                self.reselect(now, key);
+            }
+            return;
+        }
+        let feasible = self.feasible(&key, router_id, seqno, refmetric);
+        let hold = interval_duration(interval, self.ifaces[&self.neighbours[&nbr].iface].cfg.update_interval)
+            * 7
+            / 2;
+        let rid = self.route_id(key);
+        let slot = self.routes.entry(key).or_default();
+        let was_selected_here = slot.selected.is_some_and(|i| slot.entries[i].nbr == nbr);
+        let new_entry = match slot.entries.iter_mut().find(|e| e.nbr == nbr) {
+            Some(e) => {
+                e.router_id = router_id;
+                e.seqno = seqno;
+                e.refmetric = refmetric;
+                e.metric = add_metric(cost, refmetric);
+                e.next_hop = next_hop;
+                e.expires = now + hold;
+                false
+            }
+            None => {
+                slot.entries.push(RouteEntry {
+                    nbr,
+                    router_id,
+                    seqno,
+                    refmetric,
+                    metric: add_metric(cost, refmetric),
+                    next_hop,
+                    expires: now + hold,
+                });
+                true
+            }
+        };
+        if new_entry {
+            self.schedule(now + hold, Timer::RouteExpiry(rid, nbr));
+        }
+        self.reselect(now, key);
+        // Answer seqno requests this update satisfies.
+        self.satisfy_requests(now, &key, router_id, seqno);
+        // RFC 8966 §3.8.2.2: an unfeasible update for the selected route (or
+        // when nothing is selected) asks the source for a new seqno.
+        if !feasible {
+            let selected_elsewhere = self.routes[&key].selected.is_some() && !was_selected_here;
+            if !selected_elsewhere {
+                let want = self.sources.get(&(key, router_id)).map_or(seqno, |s| s.seqno.wrapping_add(1));
+                self.send_seqno_request(now, key, router_id, want, REQUEST_HOPS, vec![nbr]);
+            }
+        }
+    }
+
+    fn handle_seqno_request(
+        &mut self,
+        now: Instant,
+        from: u32,
+        key: RouteKey,
+        seqno: u16,
+        hop_count: u8,
+        router_id: RouterId,
+    ) {
+        if self.xroutes.contains(&key) {
+            if router_id == self.id && seqno_newer(seqno, self.seqno) {
+                self.seqno = seqno;
+                self.events.push_back(Event::SeqnoChanged(self.seqno));
+                tracing::debug!(seqno, "seqno bumped on request");
+            }
+            self.trigger(key, true);
+            return;
+        }
+        let Some(slot) = self.routes.get(&key) else { return };
+        let Some(sel) = slot.selected else { return };
+        let e = slot.entries[sel].clone();
+        if e.router_id == router_id && !seqno_newer(seqno, e.seqno) {
+            // Our route is recent enough: send it.
+            self.trigger(key, true);
+            return;
+        }
+        // Forward towards the source, never back to the requester.
+        if hop_count >= 2 && e.nbr != from && e.metric < INFINITY {
+            if self
+                .pending
+                .values()
+                .any(|p| p.key == key && p.router_id == router_id && !seqno_newer(seqno, p.seqno))
+            {
+                return; // duplicate suppression
+            }
+            self.send_seqno_request(now, key, router_id, seqno, hop_count - 1, vec![e.nbr]);
+        }
+    }
+
+    fn send_seqno_request(
+        &mut self,
+        now: Instant,
+        key: RouteKey,
+        router_id: RouterId,
+        seqno: u16,
+        hop_count: u8,
+        to: Vec<u32>,
+    ) {
+        let rid = self.route_id(key);
+        if let Some(p) = self.pending.get_mut(&rid)
+            && p.router_id == router_id
+            && !seqno_newer(seqno, p.seqno)
+        {
+            // Already asked: only ask the neighbours not asked yet.
+            let new: Vec<u32> = to.into_iter().filter(|t| !p.to.contains(t)).collect();
+            if !new.is_empty() {
+                p.to.extend(&new);
+                let once = Pending { to: new, ..p.clone() };
+                self.emit_request(&once);
+            }
+            return;
+        }
+        let p = Pending {
+            key,
+            router_id,
+            seqno,
+            hop_count,
+            to,
+            resends: REQUEST_RESENDS,
+            timeout: REQUEST_TIMEOUT,
+        };
+        self.emit_request(&p);
+        self.schedule(now + p.timeout, Timer::Request(rid));
+        self.pending.insert(rid, p);
+    }
+
+    fn emit_request(&mut self, p: &Pending) {
+        let msg = Message::SeqnoReq {
+            prefix: IpNet::V6(p.key.0),
+            src: p.key.1.map(IpNet::V6),
+            seqno: p.seqno,
+            hop_count: p.hop_count,
+            router_id: p.router_id,
+        };
+        for id in &p.to {
+            if let Some(n) = self.neighbours.get(id) {
+                let (iface, addr) = (n.iface, n.addr);
+                self.queue(iface, Destination::Unicast(addr), msg.clone());
+            }
+        }
+    }
+
+    fn satisfy_requests(&mut self, _now: Instant, key: &RouteKey, router_id: RouterId, seqno: u16) {
+        let Some(rid) = self.route_ids.get(key).copied() else { return };
+        if let Some(p) = self.pending.get(&rid)
+            && p.router_id == router_id
+            && !seqno_newer(p.seqno, seqno)
+        {
+            self.pending.remove(&rid);
+            // Whoever asked through us hears about it through the triggered update.
+            self.trigger(*key, true);
+        }
+    }
+
+    // --------------------------------------------------------- selection
+
+    /// RFC 8966 §3.5.1, with modular seqno comparison.
+    fn feasible(&self, key: &RouteKey, router_id: RouterId, seqno: u16, refmetric: u16) -> bool {
+        if refmetric == INFINITY {
+            return true;
+        }
+        match self.sources.get(&(*key, router_id)) {
+            None => true,
+            Some(s) => seqno_newer(seqno, s.seqno) || (seqno == s.seqno && refmetric < s.metric),
+        }
+    }
+
+    /// Chooses the route for `key` again and reports any change.
+    fn reselect(&mut self, now: Instant, key: RouteKey) {
+        if self.xroutes.contains(&key) {
+            return;
+        }
+        let Some(slot) = self.routes.get(&key) else { return };
+        let usable =
+            |e: &RouteEntry| e.metric < INFINITY && self.feasible(&key, e.router_id, e.seqno, e.refmetric);
+        let best = slot
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| usable(e))
+            .min_by_key(|(_, e)| (e.metric, e.router_id))
+            .map(|(i, _)| i);
+        let current = slot.selected.filter(|&i| usable(&slot.entries[i]));
+        let choice = match (current, best) {
+            (Some(c), Some(b)) => {
+                let (cm, bm) = (slot.entries[c].metric, slot.entries[b].metric);
+                if bm.saturating_add(HYSTERESIS) <= cm { Some(b) } else { Some(c) }
+            }
+            (None, b) => b,
+            (c, None) => c,
+        };
+        let after = choice.map(|i| Installed::from(&slot.entries[i]));
+        let slot = self.routes.get_mut(&key).expect("slot");
+        slot.selected = choice;
+        let before = std::mem::replace(&mut slot.installed, after.clone());
+        let empty = slot.entries.is_empty();
+        match (&before, &after) {
+            (_, Some(a)) => {
+                if before.as_ref() != Some(a) {
+                    let iface = self.neighbours[&a.nbr].iface;
+                    let moved = before.as_ref().is_none_or(|b| {
+                        b.nbr != a.nbr
+                            || b.metric != a.metric
+                            || b.next_hop != a.next_hop
+                            || b.router_id != a.router_id
+                    });
+                    if moved {
+                        self.events.push_back(Event::Selected {
+                            prefix: key.0,
+                            src: key.1,
+                            iface,
+                            next_hop: a.next_hop,
+                            metric: a.metric,
+                            router_id: a.router_id,
+                        });
+                    }
+                }
+                let significant = before.as_ref().is_none_or(|b| {
+                    b.router_id != a.router_id
+                        || b.seqno != a.seqno
+                        || b.metric.abs_diff(a.metric) >= HYSTERESIS
+                });
+                if significant {
+                    self.trigger(key, before.as_ref().is_none_or(|b| b.router_id != a.router_id));
+                }
+            }
+            (Some(_), None) => {
+                self.events.push_back(Event::Unselected { prefix: key.0, src: key.1 });
+                self.trigger(key, true);
+                // Starving: ask the sources of unfeasible routes for a new seqno.
+                let asks: Vec<(RouterId, u16, u32)> = self.routes[&key]
+                    .entries
+                    .iter()
+                    .filter(|e| e.metric < INFINITY)
+                    .map(|e| {
+                        let want = self
+                            .sources
+                            .get(&(key, e.router_id))
+                            .map_or(e.seqno, |s| s.seqno.wrapping_add(1));
+                        (e.router_id, want, e.nbr)
+                    })
+                    .collect();
+                for (rid, want, nbr) in asks {
+                    self.send_seqno_request(now, key, rid, want, REQUEST_HOPS, vec![nbr]);
+                }
+            }
+            (None, None) => {}
+        }
+        if empty && after.is_none() {
+            self.routes.remove(&key);
+        }
+    }
+
+    // ----------------------------------------------------------- output
+
+    /// The update we would send now for `key` on `iface`.
+    fn update_message(&self, key: &RouteKey, iface: IfaceId) -> Message {
+        let interval =
+            centis(self.ifaces.get(&iface).map_or(Duration::from_secs(16), |i| i.cfg.update_interval));
+        let (router_id, seqno, metric) = if self.xroutes.contains(key) {
+            (self.id, self.seqno, 0)
+        } else if let Some(e) = self.routes.get(key).and_then(|s| s.selected.map(|i| &s.entries[i])) {
+            (e.router_id, e.seqno, e.metric)
+        } else {
+            (self.id, self.seqno, INFINITY)
+        };
+        Message::Update {
+            prefix: Some(IpNet::V6(key.0)),
+            src: key.1.map(IpNet::V6),
+            router_id,
+            next_hop: None,
+            seqno,
+            metric,
+            interval,
+        }
+    }
+
+    /// Maintains the source table for an update we send (RFC 8966 §3.7.3).
+    fn note_sent(&mut self, now: Instant, key: &RouteKey, msg: &Message) {
+        let Message::Update { router_id, seqno, metric, .. } = *msg else { return };
+        if metric == INFINITY {
+            return;
+        }
+        let s = self.sources.entry((*key, router_id)).or_insert(Source { seqno, metric, used: now });
+        if seqno_newer(seqno, s.seqno) {
+            s.seqno = seqno;
+            s.metric = metric;
+        } else if seqno == s.seqno && metric < s.metric {
+            s.metric = metric;
+        }
+        s.used = now;
+    }
+
+    fn send_full_update(&mut self, now: Instant, iface: IfaceId, dst: Destination) {
+        let mut keys: Vec<RouteKey> = self.xroutes.iter().copied().collect();
+        keys.extend(self.routes.iter().filter(|(_, s)| s.selected.is_some()).map(|(k, _)| *k));
+        for key in keys {
+            let msg = self.update_message(&key, iface);
+            self.note_sent(now, &key, &msg);
+            self.queue(iface, dst, msg);
+        }
+    }
+
+    fn send_hello(&mut self, now: Instant, iface: IfaceId) {
+        let ts = self.timestamp(now);
+        let Some(i) = self.ifaces.get_mut(&iface) else { return };
+        i.hello_seqno = i.hello_seqno.wrapping_add(1);
+        i.hellos_sent = i.hellos_sent.wrapping_add(1);
+        let cfg = i.cfg.clone();
+        let with_ihu = i.hellos_sent % cfg.ihu_every() == 1 % cfg.ihu_every();
+        let hello = Message::Hello {
+            unicast: false,
+            seqno: i.hello_seqno,
+            interval: centis(cfg.hello_interval),
+            timestamp: cfg.rtt.map(|_| ts),
+        };
+        self.queue(iface, Destination::Multicast, hello);
+        if with_ihu {
+            let ihu_interval = centis(cfg.hello_interval * u32::from(cfg.ihu_every()));
+            let mut ihus: Vec<_> = self
+                .neighbours
+                .values()
+                .filter(|n| n.iface == iface)
+                .map(|n| Message::Ihu {
+                    rxcost: n.rxcost(&cfg),
+                    interval: ihu_interval,
+                    addr: Some(IpAddr::V6(n.addr)),
+                    timestamps: cfg.rtt.and(n.last_hello_ts),
+                })
+                .collect();
+            ihus.sort_by_key(|m| match m {
+                Message::Ihu { addr, .. } => *addr,
+                _ => None,
+            });
+            for m in ihus {
+                self.queue(iface, Destination::Multicast, m);
+            }
+        }
+    }
+
+    /// Marks `key` for a triggered update on every interface; `urgent`
+    /// repeats it a few times (retractions, new seqnos, new router-ids).
+    fn trigger(&mut self, key: RouteKey, urgent: bool) {
+        self.triggered.insert(key);
+        if urgent {
+            let rid = self.route_id(key);
+            self.urgent.insert(rid, URGENT_REPEAT - 1);
+        }
+    }
+
+    fn queue(&mut self, iface: IfaceId, dst: Destination, m: Message) {
+        self.out.entry((iface, dst)).or_default().push(m);
+    }
+
+    /// Turns queued messages and triggered updates into datagrams.
+    fn flush(&mut self, now: Instant) {
+        if !self.triggered.is_empty() {
+            let keys = std::mem::take(&mut self.triggered);
+            let ifaces: Vec<IfaceId> = self.ifaces.keys().copied().collect();
+            for key in &keys {
+                for &iface in &ifaces {
+                    let msg = self.update_message(key, iface);
+                    self.note_sent(now, key, &msg);
+                    self.queue(iface, Destination::Multicast, msg);
+                }
+                if let Some(rid) = self.route_ids.get(key)
+                    && self.urgent.contains_key(rid)
+                {
+                    self.schedule(now + URGENT_INTERVAL, Timer::Urgent(*rid));
+                }
+            }
+        }
+        let out = std::mem::take(&mut self.out);
+        for ((iface, dst), msgs) in out {
+            let Some(i) = self.ifaces.get(&iface) else { continue };
+            let mut b = PacketBuilder::new(i.cfg.mtu);
+            for m in &msgs {
+                b.push(m);
+            }
+            for payload in b.finish() {
+                self.stats.packets_out += 1;
+                self.stats.bytes_out += payload.len() as u64;
+                self.transmits.push_back(Transmit { iface, dst, payload });
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ timers
+
+    fn schedule(&mut self, at: Instant, t: Timer) {
+        self.timer_seq += 1;
+        self.timers.push(Reverse((at, self.timer_seq, t)));
+    }
+
+    fn fire(&mut self, now: Instant, at: Instant, timer: Timer) {
+        match timer {
+            Timer::Hello(iface) => {
+                if let Some(i) = self.ifaces.get(&iface) {
+                    let h = i.cfg.hello_interval;
+                    self.send_hello(now, iface);
+                    let jitter = self.jitter(h);
+                    self.schedule(at.max(now - h) + h - jitter / 2, Timer::Hello(iface));
+                }
+            }
+            Timer::Update(iface) => {
+                if let Some(i) = self.ifaces.get(&iface) {
+                    let u = i.cfg.update_interval;
+                    self.send_full_update(now, iface, Destination::Multicast);
+                    let jitter = self.jitter(u);
+                    self.schedule(at.max(now - u) + u - jitter / 2, Timer::Update(iface));
+                }
+            }
+            Timer::Neighbour(id) => {
+                if self.neighbours.get(&id).is_some_and(|n| n.scheduled == Some(at)) {
+                    self.check_neighbour(now, id);
+                }
+            }
+            Timer::RouteExpiry(rid, nbr) => {
+                let Some(key) = self.route_keys.get(&rid).copied() else { return };
+                let Some(slot) = self.routes.get_mut(&key) else { return };
+                let Some(e) = slot.entries.iter().find(|e| e.nbr == nbr) else { return };
+                if e.expires <= now {
+                    slot.remove_nbr(nbr);
+                    self.reselect(now, key);
+                } else {
+                    let at = e.expires;
+                    self.schedule(at, Timer::RouteExpiry(rid, nbr));
+                }
+            }
+            Timer::Urgent(rid) => {
+                let Some(left) = self.urgent.get_mut(&rid) else { return };
+                *left = left.saturating_sub(1);
+                if *left == 0 {
+                    self.urgent.remove(&rid);
+                }
+                if let Some(key) = self.route_keys.get(&rid).copied() {
+                    self.triggered.insert(key);
+                }
+            }
+            Timer::Request(rid) => {
+                let Some(p) = self.pending.get_mut(&rid) else { return };
+                if p.resends == 0 {
+                    self.pending.remove(&rid);
+                    return;
+                }
+                p.resends -= 1;
+                p.timeout *= 2;
+                let next = now + p.timeout;
+                let p = self.pending.remove(&rid).expect("pending");
+                self.emit_request(&p);
+                self.pending.insert(rid, p);
+                self.schedule(next, Timer::Request(rid));
+            }
+            Timer::SourceGc => {
+                self.sources.retain(|_, s| now.saturating_duration_since(s.used) < SOURCE_GC);
+                self.schedule(now + Duration::from_secs(60), Timer::SourceGc);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------- helpers
+
+    /// A small id for a route key, for timers (keys are 34 bytes).
+    fn route_id(&mut self, key: RouteKey) -> u32 {
+        if let Some(id) = self.route_ids.get(&key) {
+            return *id;
+        }
+        let id = self.route_ids.len() as u32;
+        self.route_ids.insert(key, id);
+        self.route_keys.insert(id, key);
+        id
+    }
+
+    /// Our RFC 9616 clock: microseconds since the router started, wrapping.
+    fn timestamp(&self, now: Instant) -> u32 {
+        // 0 means "no timestamp" to some peers; skip it.
+        (now.saturating_duration_since(self.epoch).as_micros() as u32).max(1)
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: deterministic per router-id, good enough for jitter.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Up to a quarter of `d`, at random.
+    fn jitter(&mut self, d: Duration) -> Duration {
+        let quarter = d.as_micros() as u64 / 4;
+        if quarter == 0 { Duration::ZERO } else { Duration::from_micros(self.next_random() % quarter) }
+    }
+}
+
+/// Metric composition M(c, m) = c + m, capped at infinity.
+pub fn add_metric(cost: u16, metric: u16) -> u16 {
+    (u32::from(cost) + u32::from(metric)).min(u32::from(INFINITY)) as u16
+}
+
+fn centis(d: Duration) -> u16 {
+    (d.as_millis() / 10).min(u128::from(u16::MAX)) as u16
+}
+
+fn interval_duration(centis: u16, fallback: Duration) -> Duration {
+    if centis == 0 { fallback } else { Duration::from_millis(u64::from(centis) * 10) }
+}
+
+fn is_link_local(a: &Ipv6Addr) -> bool {
+    a.segments()[0] & 0xffc0 == 0xfe80
+}

@@ -1,0 +1,289 @@
+//! The router's tables: neighbours (Hello history, IHU, RTT), route entries
+//! per neighbour, and the source table (feasibility distances).
+
+use std::net::Ipv6Addr;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv6Net;
+
+use super::{IfaceId, InterfaceConfig, add_metric};
+use crate::wire::{INFINITY, RouterId};
+
+/// Whether seqno `a` is newer than `b`, modulo 2^16 (RFC 8966 §3.2.1).
+pub fn seqno_newer(a: u16, b: u16) -> bool {
+    let d = a.wrapping_sub(b);
+    d != 0 && d < 0x8000
+}
+
+/// A neighbour that has stopped sending Hellos is forgotten after this
+/// many missed ones have emptied its history, or after this long silent.
+const SILENT_DROP: Duration = Duration::from_secs(60);
+/// An RTT sample older than this no longer counts (babeld: 180 s).
+const RTT_VALID: Duration = Duration::from_secs(180);
+
+#[derive(Clone, Debug)]
+pub(super) struct Neighbour {
+    pub iface: IfaceId,
+    pub addr: Ipv6Addr,
+    /// Hello history, most recent in the top bit (RFC 8966 A.1).
+    reach: u16,
+    hello_seqno: Option<u16>,
+    hello_interval: Duration,
+    hello_deadline: Option<Instant>,
+    last_heard: Instant,
+    txcost: u16,
+    ihu_deadline: Option<Instant>,
+    rtt: Option<Duration>,
+    rtt_time: Option<Instant>,
+    /// (their Hello timestamp, our receive time) to echo in our next IHU.
+    pub last_hello_ts: Option<(u32, u32)>,
+    pub was_up: bool,
+    pub last_cost: u16,
+    pub scheduled: Option<Instant>,
+}
+
+impl Neighbour {
+    pub fn new(iface: IfaceId, addr: Ipv6Addr, now: Instant) -> Self {
+        Neighbour {
+            iface,
+            addr,
+            reach: 0,
+            hello_seqno: None,
+            hello_interval: Duration::from_secs(4),
+            hello_deadline: None,
+            last_heard: now,
+            txcost: INFINITY,
+            ihu_deadline: None,
+            rtt: None,
+            rtt_time: None,
+            last_hello_ts: None,
+            was_up: false,
+            last_cost: INFINITY,
+            scheduled: None,
+        }
+    }
+
+    /// A multicast Hello arrived (RFC 8966 A.1, like babeld's
+    /// `update_neighbour`: late Hellos undo the misses counted for them).
+    pub fn hello(&mut self, now: Instant, seqno: u16, interval_cs: u16, ts: Option<(u32, u32)>) {
+        if let Some(last) = self.hello_seqno {
+            let gap = i32::from(seqno.wrapping_sub(last) as i16) - 1;
+            if !(-8..=16).contains(&gap) {
+                self.reach = 0;
+            } else if gap < 0 {
+                self.reach <<= (-gap) as u32;
+            } else if gap > 0 {
+                self.reach >>= gap as u32;
+            }
+        }
+        self.reach = (self.reach >> 1) | 0x8000;
+        self.hello_seqno = Some(seqno);
+        if interval_cs > 0 {
+            self.hello_interval = Duration::from_millis(u64::from(interval_cs) * 10);
+            self.hello_deadline = Some(now + self.hello_interval * 3 / 2);
+        }
+        self.last_heard = now;
+        self.last_hello_ts = ts;
+    }
+
+    /// An IHU about us arrived.
+    pub fn ihu(
+        &mut self,
+        now: Instant,
+        rxcost: u16,
+        interval_cs: u16,
+        rtt: Option<Duration>,
+        cfg: &InterfaceConfig,
+    ) {
+        self.txcost = rxcost;
+        let interval = if interval_cs == 0 {
+            cfg.hello_interval * 3
+        } else {
+            Duration::from_millis(u64::from(interval_cs) * 10)
+        };
+        self.ihu_deadline = Some(now + interval * 7 / 2);
+        self.last_heard = now;
+        if let (Some(sample), Some(rc)) = (rtt, cfg.rtt) {
+            let valid = self.rtt_time.is_some_and(|t| now.saturating_duration_since(t) < RTT_VALID);
+            self.rtt = Some(match self.rtt {
+                Some(old) if valid => {
+                    let us = (u128::from(rc.decay) * sample.as_micros()
+                        + u128::from(256 - rc.decay.min(256)) * old.as_micros())
+                        / 256;
+                    Duration::from_micros(us as u64)
+                }
+                _ => sample,
+            });
+            self.rtt_time = Some(now);
+        }
+    }
+
+    /// Counts the Hellos that did not come and the IHU that expired.
+    pub fn expire(&mut self, now: Instant) {
+        while let Some(d) = self.hello_deadline {
+            if d > now || self.reach == 0 {
+                break;
+            }
+            self.reach >>= 1;
+            self.hello_seqno = self.hello_seqno.map(|s| s.wrapping_add(1));
+            self.hello_deadline = Some(d + self.hello_interval);
+        }
+        if self.ihu_deadline.is_some_and(|d| d <= now) {
+            self.txcost = INFINITY;
+            self.ihu_deadline = None;
+        }
+    }
+
+    /// Nothing heard for long: forget it.
+    pub fn is_dead(&self, now: Instant) -> bool {
+        self.reach == 0
+            && now.saturating_duration_since(self.last_heard) >= SILENT_DROP.min(self.hello_interval * 16)
+    }
+
+    /// The next time something about this neighbour may change.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let silent = (self.reach == 0).then(|| self.last_heard + SILENT_DROP.min(self.hello_interval * 16));
+        [self.hello_deadline.filter(|_| self.reach != 0), self.ihu_deadline, silent]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Our cost of receiving from this neighbour: 2-out-of-3.
+    pub fn rxcost(&self, cfg: &InterfaceConfig) -> u16 {
+        if (self.reach & 0xE000).count_ones() >= 2 { cfg.cost } else { INFINITY }
+    }
+
+    fn rtt_cost(&self, now: Instant, cfg: &InterfaceConfig) -> u16 {
+        let (Some(rc), Some(rtt), Some(t)) = (cfg.rtt, self.rtt, self.rtt_time) else { return 0 };
+        if now.saturating_duration_since(t) >= RTT_VALID || rc.max_penalty == 0 || rtt <= rc.min {
+            return 0;
+        }
+        if rtt >= rc.max || rc.max <= rc.min {
+            return rc.max_penalty;
+        }
+        let frac = (rtt - rc.min).as_micros() * u128::from(rc.max_penalty) / (rc.max - rc.min).as_micros();
+        frac as u16
+    }
+
+    /// Link cost: the neighbour's view of our Hellos (txcost) if we hear it
+    /// too, plus the RTT penalty.
+    pub fn cost(&self, now: Instant, cfg: &InterfaceConfig) -> u16 {
+        if self.rxcost(cfg) == INFINITY || self.txcost == INFINITY {
+            return INFINITY;
+        }
+        add_metric(self.txcost, self.rtt_cost(now, cfg)).min(INFINITY - 1)
+    }
+
+    pub fn info(&self, now: Instant, cfg: &InterfaceConfig) -> NeighbourInfo {
+        NeighbourInfo {
+            iface: self.iface,
+            addr: self.addr,
+            reach: self.reach,
+            rxcost: self.rxcost(cfg),
+            txcost: self.txcost,
+            rtt_ms: self.rtt.map(|d| d.as_secs_f64() * 1000.0),
+            rtt_cost: self.rtt_cost(now, cfg),
+            cost: self.cost(now, cfg),
+        }
+    }
+}
+
+/// A neighbour as shown to operators.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct NeighbourInfo {
+    pub iface: IfaceId,
+    pub addr: Ipv6Addr,
+    pub reach: u16,
+    pub rxcost: u16,
+    pub txcost: u16,
+    pub rtt_ms: Option<f64>,
+    pub rtt_cost: u16,
+    pub cost: u16,
+}
+
+/// A route as shown to operators.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RouteInfo {
+    pub prefix: Ipv6Net,
+    pub src: Option<Ipv6Net>,
+    #[serde(serialize_with = "ser_display")]
+    pub router_id: RouterId,
+    pub seqno: u16,
+    pub metric: u16,
+    pub refmetric: u16,
+    /// `None` for a route we originate.
+    pub next_hop: Option<Ipv6Addr>,
+    pub iface: Option<IfaceId>,
+    pub selected: bool,
+    pub feasible: bool,
+}
+
+fn ser_display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// One neighbour's route to a destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct RouteEntry {
+    pub nbr: u32,
+    pub router_id: RouterId,
+    pub seqno: u16,
+    pub refmetric: u16,
+    pub metric: u16,
+    pub next_hop: Ipv6Addr,
+    pub expires: Instant,
+}
+
+/// What was last reported for a destination, to tell changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Installed {
+    pub nbr: u32,
+    pub router_id: RouterId,
+    pub seqno: u16,
+    pub metric: u16,
+    pub next_hop: Ipv6Addr,
+}
+
+impl From<&RouteEntry> for Installed {
+    fn from(e: &RouteEntry) -> Self {
+        Installed {
+            nbr: e.nbr,
+            router_id: e.router_id,
+            seqno: e.seqno,
+            metric: e.metric,
+            next_hop: e.next_hop,
+        }
+    }
+}
+
+/// All neighbours' routes to one destination, and which one is selected.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Slot {
+    pub entries: Vec<RouteEntry>,
+    pub selected: Option<usize>,
+    pub installed: Option<Installed>,
+}
+
+impl Slot {
+    /// Removes the neighbour's entry; true if there was one.
+    pub fn remove_nbr(&mut self, nbr: u32) -> bool {
+        let Some(i) = self.entries.iter().position(|e| e.nbr == nbr) else { return false };
+        self.entries.swap_remove(i);
+        let last = self.entries.len();
+        self.selected = match self.selected {
+            Some(s) if s == i => None,
+            Some(s) if s == last => Some(i),
+            s => s,
+        };
+        true
+    }
+}
+
+/// A feasibility distance (RFC 8966 §3.2.5).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Source {
+    pub seqno: u16,
+    pub metric: u16,
+    pub used: Instant,
+}
