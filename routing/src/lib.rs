@@ -14,10 +14,14 @@
 //! and read no clock, so that `netsim` can run thousands of routers on
 //! virtual time (see `docs/ARCHITECTURE.md`).
 //!
-//! Status: the modules above arrive with the routing issue; this crate is the
-//! placeholder the workspace builds on.
+//! Without the default `driver` feature, the crate is the codec and the
+//! sans-IO core only, with no tokio or netlink.
 
 pub mod core;
+#[cfg(feature = "driver")]
+pub mod driver;
+#[cfg(feature = "driver")]
+pub mod kernel;
 pub mod wire;
 
 /// The UDP port Babel speaks on (RFC 8966 §4).

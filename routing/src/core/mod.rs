@@ -128,7 +128,8 @@ pub struct Transmit {
 }
 
 /// Something the driver should act on.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// Install (or replace) the route for `prefix` from `src` through
     /// `next_hop` on `iface`.

@@ -207,7 +207,6 @@ pub struct NeighbourInfo {
 pub struct RouteInfo {
     pub prefix: Ipv6Net,
     pub src: Option<Ipv6Net>,
-    #[serde(serialize_with = "ser_display")]
     pub router_id: RouterId,
     pub seqno: u16,
     pub metric: u16,
@@ -217,10 +216,6 @@ pub struct RouteInfo {
     pub iface: Option<IfaceId>,
     pub selected: bool,
     pub feasible: bool,
-}
-
-fn ser_display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(v)
 }
 
 /// One neighbour's route to a destination.

@@ -89,6 +89,12 @@ impl fmt::Debug for RouterId {
     }
 }
 
+impl serde::Serialize for RouterId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl std::str::FromStr for RouterId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -369,11 +375,17 @@ fn apply(st: &mut State, raw: RawTlv) -> Result<Option<Message>, Skip> {
                     }
                     let p = make_prefix(ae, plen, &prefix, &default[..omitted]).ok_or(Skip::Error)?;
                     if flags & FLAG_DEFAULT_PREFIX != 0 {
-                        // The default is the prefix as written, before host bits are cleared.
+                        // The default is the prefix as written (zero-padded), like babeld.
                         let full = [&default[..omitted], &prefix[..]].concat();
                         match ae {
-                            1 => st.default_v4[..full.len()].copy_from_slice(&full),
-                            2 => st.default_v6[..full.len()].copy_from_slice(&full),
+                            1 => {
+                                st.default_v4 = [0; 4];
+                                st.default_v4[..full.len()].copy_from_slice(&full);
+                            }
+                            2 => {
+                                st.default_v6 = [0; 16];
+                                st.default_v6[..full.len()].copy_from_slice(&full);
+                            }
                             _ => {}
                         }
                     }
