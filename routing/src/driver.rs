@@ -520,3 +520,35 @@ pub async fn control_request(path: &Path, request: &str) -> std::io::Result<Stri
         std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "router closed the control socket")
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_file_keeps_router_id_and_resumes_past_the_seqno() {
+        let dir = std::env::temp_dir().join(format!("sixmesh-babel-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("babel.state");
+        let _ = std::fs::remove_file(&path);
+        let first = PersistentState::load_or_create(&path).unwrap();
+        assert!(first.router_id.is_valid());
+        let second = PersistentState::load_or_create(&path).unwrap();
+        assert_eq!(second.router_id, first.router_id);
+        assert_eq!(second.seqno, first.seqno.wrapping_add(1));
+        PersistentState { router_id: first.router_id, seqno: 65535 }.save(&path).unwrap();
+        assert_eq!(PersistentState::load_or_create(&path).unwrap().seqno, 0, "wraps");
+        std::fs::write(&path, "router-id zz\n").unwrap();
+        let err = PersistentState::load_or_create(&path).unwrap_err().to_string();
+        assert!(err.contains("fix or delete it"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn interface_specs_parse() {
+        assert_eq!("eth0".parse::<InterfaceSpec>().unwrap().kind, LinkKind::Wired);
+        assert_eq!("wg0:tunnel".parse::<InterfaceSpec>().unwrap().kind, LinkKind::Tunnel);
+        assert!("wg0:wireless".parse::<InterfaceSpec>().is_err());
+        assert!("averyveryverylongname0".parse::<InterfaceSpec>().is_err());
+    }
+}

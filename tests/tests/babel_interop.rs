@@ -263,12 +263,18 @@ fn ours_and_babeld_on_a_veth_exchange_retract_and_detect_a_cut() {
     let bd = router_ns("bd");
     veth(&us, "u0", &bd, "b0").unwrap();
     bd.ip(&["-6", "route", "add", "fd00:b::/64", "dev", "lo", "proto", "static"]).unwrap();
-    let babeld = Babeld::start(&bd, &dir, 0xbd, &[("b0", "wired")], &["fd00:b::/64"]);
-    let ours = Ours::start(&us, &dir, "us", &["u0:wired"], &["fd00:a::/64"]);
+    // A source-specific route (RFC 9079) each way too.
+    bd.ip(&["-6", "route", "add", "fd00:c::/48", "from", "fd00:b::/48", "dev", "lo", "proto", "static"])
+        .unwrap();
+    let babeld = Babeld::start(&bd, &dir, 0xbd, &[("b0", "wired")], &["fd00:b::/64", "fd00:c::/48"]);
+    let ours = Ours::start(&us, &dir, "us", &["u0:wired"], &["fd00:a::/64", "fd00:d::/48,from=fd00:a::/48"]);
 
     // Routes flow both ways and land in both kernels.
     let t = wait_until(Duration::from_secs(15), || {
-        has_route(&us, "fd00:b::/64") && has_route(&bd, "fd00:a::/64")
+        has_route(&us, "fd00:b::/64")
+            && has_route(&bd, "fd00:a::/64")
+            && has_route(&us, "fd00:c::/48 from fd00:b::/48")
+            && has_route(&bd, "fd00:d::/48 from fd00:a::/48")
     });
     assert!(
         t.is_some(),

@@ -463,6 +463,11 @@ impl Router {
         v
     }
 
+    /// How many destinations have a selected route (not counting ours).
+    pub fn selected_count(&self) -> usize {
+        self.routes.values().filter(|s| s.selected.is_some()).count()
+    }
+
     /// The selected route for a destination: (iface, next hop, metric).
     pub fn selected(&self, key: &RouteKey) -> Option<(IfaceId, Ipv6Addr, u16)> {
         let slot = self.routes.get(key)?;
