@@ -13,5 +13,7 @@
 //! Status: arrives with the mesh-node issue; this crate is the placeholder
 //! the workspace builds on.
 
+pub mod manager;
+
 /// Default name of the node's TUN device.
 pub const DEFAULT_TUN_NAME: &str = "sixmesh0";
