@@ -71,9 +71,10 @@ impl Neighbour {
             if !(-8..=16).contains(&gap) {
                 self.reach = 0;
             } else if gap < 0 {
-                self.reach <<= (-gap) as u32;
+                self.reach = self.reach.checked_shl((-gap) as u32).unwrap_or(0);
             } else if gap > 0 {
-                self.reach >>= gap as u32;
+                // A gap of 16 empties the history (found by cargo fuzz).
+                self.reach = self.reach.checked_shr(gap as u32).unwrap_or(0);
             }
         }
         self.reach = (self.reach >> 1) | 0x8000;

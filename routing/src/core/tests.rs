@@ -66,6 +66,21 @@ fn two_out_of_three_and_late_hellos() {
 }
 
 #[test]
+fn hello_gaps_at_the_edges_of_the_window() {
+    // Regression (cargo fuzz): a gap of exactly 16 missed Hellos shifted a
+    // u16 by 16.
+    let now = Instant::now();
+    let cfg = InterfaceConfig::new(LinkKind::Wired, ll(1));
+    for (first, next) in [(0u16, 17u16), (0, 18), (100, 92), (100, 91), (65535, 16)] {
+        let mut n = Neighbour::new(0, ll(2), now);
+        n.hello(now, first, 400, None);
+        n.hello(now, first.wrapping_add(1), 400, None);
+        n.hello(now, next, 400, None);
+        assert!(n.rxcost(&cfg) == INFINITY || n.rxcost(&cfg) == 96);
+    }
+}
+
+#[test]
 fn ihu_expiry_makes_the_link_unusable() {
     let now = Instant::now();
     let cfg = InterfaceConfig::new(LinkKind::Wired, ll(1));
