@@ -13,7 +13,10 @@
 //! Status: arrives with the mesh-node issue; this crate is the placeholder
 //! the workspace builds on.
 
+pub mod fib;
 pub mod manager;
+pub mod node;
+pub mod packet;
 
 /// Default name of the node's TUN device.
 pub const DEFAULT_TUN_NAME: &str = "sixmesh0";

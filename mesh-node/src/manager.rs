@@ -228,7 +228,8 @@ impl TunnelManager {
         if incoming >= self.cfg.max_clients {
             return false;
         }
-        self.tunnels.insert(peer, Tunnel { dir: Direction::Incoming, up_since: Some(now), started: now, routes: 0 });
+        self.tunnels
+            .insert(peer, Tunnel { dir: Direction::Incoming, up_since: Some(now), started: now, routes: 0 });
         self.last_incoming = Some(now);
         true
     }
@@ -272,7 +273,11 @@ impl TunnelManager {
             Some(t) => now.saturating_duration_since(t) < self.cfg.unreachable_after,
             None => now.saturating_duration_since(self.started) < self.cfg.unreachable_after,
         };
-        if reachable { self.cfg.client_count } else { self.cfg.client_count.min(self.cfg.unreachable_client_count) }
+        if reachable {
+            self.cfg.client_count
+        } else {
+            self.cfg.client_count.min(self.cfg.unreachable_client_count)
+        }
     }
 
     /// When [`TunnelManager::handle_timeout`] should run next.
@@ -323,7 +328,9 @@ impl TunnelManager {
         let stuck: Vec<PeerId> = self
             .tunnels
             .iter()
-            .filter(|(_, t)| t.up_since.is_none() && now.saturating_duration_since(t.started) >= self.cfg.connect_timeout)
+            .filter(|(_, t)| {
+                t.up_since.is_none() && now.saturating_duration_since(t.started) >= self.cfg.connect_timeout
+            })
             .map(|(p, _)| *p)
             .collect();
         for p in stuck {
@@ -356,10 +363,12 @@ impl TunnelManager {
         pool.shuffle(&mut self.rng);
         for peer in pool.into_iter().take(missing) {
             let endpoints = self.candidates[&peer].clone();
-            self.tunnels.insert(peer, Tunnel { dir: Direction::Outgoing, up_since: None, started: now, routes: 0 });
+            self.tunnels
+                .insert(peer, Tunnel { dir: Direction::Outgoing, up_since: None, started: now, routes: 0 });
             self.actions.push_back(Action::Connect { peer, endpoints });
         }
-        let still_missing = target.saturating_sub(self.tunnels.values().filter(|t| t.dir == Direction::Outgoing).count());
+        let still_missing =
+            target.saturating_sub(self.tunnels.values().filter(|t| t.dir == Direction::Outgoing).count());
         if still_missing == 0 {
             return;
         }
@@ -367,7 +376,11 @@ impl TunnelManager {
         let mut unknown: Vec<PeerId> = self
             .distant
             .iter()
-            .filter(|p| !self.candidates.contains_key(p) && !self.tunnels.contains_key(p) && !self.failed.contains_key(p))
+            .filter(|p| {
+                !self.candidates.contains_key(p)
+                    && !self.tunnels.contains_key(p)
+                    && !self.failed.contains_key(p)
+            })
             .copied()
             .collect();
         unknown.shuffle(&mut self.rng);
@@ -376,7 +389,10 @@ impl TunnelManager {
         }
         // Alone: ask the registry, at most once per refresh period.
         let alone = self.tunnels.values().all(|t| t.up_since.is_none());
-        if alone && self.last_bootstrap.is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.check_interval * 6)
+        if alone
+            && self
+                .last_bootstrap
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.check_interval * 6)
         {
             self.last_bootstrap = Some(now);
             self.actions.push_back(Action::NeedBootstrap);
@@ -401,7 +417,10 @@ mod tests {
     }
 
     fn connects(actions: &[Action]) -> Vec<PeerId> {
-        actions.iter().filter_map(|a| if let Action::Connect { peer, .. } = a { Some(*peer) } else { None }).collect()
+        actions
+            .iter()
+            .filter_map(|a| if let Action::Connect { peer, .. } = a { Some(*peer) } else { None })
+            .collect()
     }
 
     fn manager(now: Instant) -> TunnelManager {
@@ -441,8 +460,10 @@ mod tests {
         let later = now + Duration::from_secs(11);
         m.handle_timeout(later);
         let acts = drain(&mut m);
-        let dropped: Vec<PeerId> =
-            acts.iter().filter_map(|a| if let Action::Disconnect { peer, .. } = a { Some(*peer) } else { None }).collect();
+        let dropped: Vec<PeerId> = acts
+            .iter()
+            .filter_map(|a| if let Action::Disconnect { peer, .. } = a { Some(*peer) } else { None })
+            .collect();
         assert_eq!(dropped.len(), 2);
         let again = connects(&acts);
         assert_eq!(again.len(), 2);
@@ -463,7 +484,10 @@ mod tests {
         let t = now + Duration::from_secs(300);
         m.handle_timeout(t);
         let acts = drain(&mut m);
-        assert!(acts.contains(&Action::Disconnect { peer: c[1], reason: "refresh: fewest routes" }), "{acts:?}");
+        assert!(
+            acts.contains(&Action::Disconnect { peer: c[1], reason: "refresh: fewest routes" }),
+            "{acts:?}"
+        );
         let new = connects(&acts);
         assert_eq!(new.len(), 1, "the dropped tunnel is replaced in the same round");
         assert!(!c.contains(&new[0]));

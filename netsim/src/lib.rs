@@ -14,5 +14,6 @@
 //! cores). It spawns the `sixmesh` binary rather than linking its drivers.
 
 pub mod babel;
+pub mod mesh;
 pub mod rng;
 pub mod topology;

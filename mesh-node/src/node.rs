@@ -1,0 +1,464 @@
+//! The node's sans-IO core: Babel inside every tunnel, the tunnel manager,
+//! and user-space forwarding by longest-prefix match over the routes Babel
+//! selected. Encryption is not its business: it hands inner IPv6 packets to
+//! the driver per peer ([`Output::ToTunnel`]), and the driver runs one
+//! WireGuard session per peer. netsim drives this same core with simulated
+//! tunnels.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::Ipv6Addr;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv6Net;
+use sixmesh_routing::BABEL_PORT;
+use sixmesh_routing::core::{Destination, Event, InterfaceConfig, LinkKind, Router, RttConfig};
+use sixmesh_routing::wire::RouterId;
+
+use crate::fib::Fib;
+use crate::manager::{Action, ManagerConfig, PeerId, TunnelManager};
+use crate::packet::{self, Ipv6Header};
+
+/// ff02::1:6.
+const BABEL_GROUP: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 6);
+
+/// Babel's id of a tunnel (its interface number in the router).
+pub type TunnelId = u32;
+
+/// Settings of the node core.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's prefix (from its certificate).
+    pub prefix: Ipv6Net,
+    /// The whole network's prefix: nothing outside it is routed.
+    pub network: Ipv6Net,
+    pub router_id: RouterId,
+    /// Where Babel's seqno resumes (persisted across restarts).
+    pub seqno: u16,
+    /// Babel Hello interval on tunnels: a dead tunnel is noticed after
+    /// 1.5–2.5 of them.
+    pub hello_interval: Duration,
+    /// Babel full-update interval on tunnels.
+    pub update_interval: Duration,
+    /// RTT-based cost on tunnels (babeld's `type tunnel` parameters by default).
+    pub rtt: Option<RttConfig>,
+    pub manager: ManagerConfig,
+    /// Seed of the tunnel manager's random choices.
+    pub seed: u64,
+}
+
+impl NodeConfig {
+    /// Defaults for a node with this prefix in this network: Hellos every
+    /// 0.5 s (so a dead tunnel is noticed in at most ~1.25 s), full updates
+    /// every 30 s.
+    pub fn new(prefix: Ipv6Net, network: Ipv6Net, router_id: RouterId, seqno: u16) -> Self {
+        NodeConfig {
+            prefix,
+            network,
+            router_id,
+            seqno,
+            hello_interval: Duration::from_millis(500),
+            update_interval: Duration::from_secs(30),
+            rtt: Some(RttConfig::default()),
+            manager: ManagerConfig::default(),
+            seed: u64::from_be_bytes(router_id.0),
+        }
+    }
+}
+
+/// The link-local address a node uses inside all its tunnels: fe80:: plus
+/// the top 64 bits of its prefix (unique per node).
+pub fn tunnel_link_local(prefix: &Ipv6Net) -> Ipv6Addr {
+    let hi = (u128::from(prefix.network()) >> 64) as u64;
+    Ipv6Addr::from((0xfe80u128 << 112) | u128::from(hi))
+}
+
+/// What the core wants sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// An inner IPv6 packet for the tunnel to `peer`.
+    ToTunnel { peer: PeerId, packet: Vec<u8> },
+    /// A packet for this machine (write it to the TUN device).
+    ToTun(Vec<u8>),
+}
+
+/// Something the driver should know or act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// The tunnel manager's decisions.
+    Manager(Action),
+    /// Babel's seqno changed: persist it.
+    SeqnoChanged(u16),
+    /// The route to `prefix` now goes through `peer` (or nowhere).
+    Route { prefix: Ipv6Net, via: Option<PeerId>, metric: u16 },
+}
+
+/// Why packets were dropped (counters).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Drops {
+    pub not_ipv6: u64,
+    pub no_route: u64,
+    pub bad_source: u64,
+    pub hop_limit: u64,
+    pub no_tunnel: u64,
+}
+
+/// Traffic counters of one tunnel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TunnelCounters {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Tunnel {
+    id: TunnelId,
+    counters: TunnelCounters,
+    /// Last time anything came out of this tunnel.
+    last_rx: Instant,
+    /// Sources this peer may send from: what it advertises to us in Babel,
+    /// and its own prefix.
+    allowed: Fib<()>,
+}
+
+/// The node core. See the module documentation.
+#[derive(Debug)]
+pub struct NodeCore {
+    cfg: NodeConfig,
+    ll: Ipv6Addr,
+    router: Router,
+    manager: TunnelManager,
+    fib: Fib<PeerId>,
+    tunnels: BTreeMap<PeerId, Tunnel>,
+    by_id: HashMap<TunnelId, PeerId>,
+    next_id: TunnelId,
+    outputs: VecDeque<Output>,
+    events: VecDeque<NodeEvent>,
+    next_housekeeping: Instant,
+    drops: Drops,
+}
+
+/// How often allowed sources and route counts are refreshed from Babel.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+impl NodeCore {
+    /// A node that announces its own prefix and has no tunnel yet.
+    pub fn new(cfg: NodeConfig, now: Instant) -> Self {
+        let mut router = Router::new(cfg.router_id, cfg.seqno, now);
+        router.announce(now, cfg.prefix, None);
+        let manager = TunnelManager::new(cfg.prefix, cfg.manager.clone(), cfg.seed, now);
+        NodeCore {
+            ll: tunnel_link_local(&cfg.prefix),
+            cfg,
+            router,
+            manager,
+            fib: Fib::new(),
+            tunnels: BTreeMap::new(),
+            by_id: HashMap::new(),
+            next_id: 1,
+            outputs: VecDeque::new(),
+            events: VecDeque::new(),
+            next_housekeeping: now,
+            drops: Drops::default(),
+        }
+    }
+
+    /// This node's prefix.
+    pub fn prefix(&self) -> Ipv6Net {
+        self.cfg.prefix
+    }
+
+    /// The Babel router (for status and route dumps).
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The tunnel manager (to feed it candidates, read its tunnels).
+    pub fn manager(&mut self) -> &mut TunnelManager {
+        &mut self.manager
+    }
+
+    /// Drop counters.
+    pub fn drops(&self) -> Drops {
+        self.drops
+    }
+
+    /// Per-tunnel counters.
+    pub fn tunnel_counters(&self) -> impl Iterator<Item = (PeerId, TunnelCounters)> + '_ {
+        self.tunnels.iter().map(|(p, t)| (*p, t.counters))
+    }
+
+    /// The peer the route to `dst` goes through, if any.
+    pub fn route(&self, dst: Ipv6Addr) -> Option<PeerId> {
+        self.fib.lookup(dst).copied()
+    }
+
+    /// Applies new tunnel-manager parameters at once.
+    pub fn set_manager_config(&mut self, now: Instant, cfg: ManagerConfig) {
+        self.cfg.manager = cfg.clone();
+        self.manager.set_config(now, cfg);
+        self.pump(now);
+    }
+
+    /// A tunnel to `peer` is established (both directions work): Babel
+    /// starts speaking in it.
+    pub fn tunnel_up(&mut self, now: Instant, peer: PeerId) {
+        if self.tunnels.contains_key(&peer) {
+            self.manager.tunnel_up(now, peer);
+            return;
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        let mut allowed = Fib::new();
+        allowed.insert(peer, ());
+        self.tunnels.insert(peer, Tunnel { id, counters: TunnelCounters::default(), last_rx: now, allowed });
+        self.by_id.insert(id, peer);
+        let mut ic = InterfaceConfig::new(LinkKind::Tunnel, self.ll);
+        ic.hello_interval = self.cfg.hello_interval;
+        ic.update_interval = self.cfg.update_interval;
+        ic.rtt = self.cfg.rtt;
+        // Inner packets carry the Babel datagram plus 48 bytes of headers.
+        ic.mtu = 1280 - 48;
+        self.router.add_interface(now, id, ic);
+        self.manager.tunnel_up(now, peer);
+        self.pump(now);
+    }
+
+    /// The tunnel to `peer` is gone (or never came up).
+    pub fn tunnel_down(&mut self, now: Instant, peer: PeerId) {
+        if let Some(t) = self.tunnels.remove(&peer) {
+            self.by_id.remove(&t.id);
+            self.router.remove_interface(now, t.id);
+        }
+        self.manager.tunnel_down(now, peer);
+        self.pump(now);
+    }
+
+    /// Whether to accept a tunnel that `peer` opens to us.
+    pub fn accept_incoming(&mut self, now: Instant, peer: PeerId) -> bool {
+        let ok = self.manager.accept_incoming(now, peer);
+        self.pump(now);
+        ok
+    }
+
+    /// A packet the machine sent into the mesh (read from the TUN device).
+    pub fn from_tun(&mut self, now: Instant, packet: Vec<u8>) {
+        let h = match packet::parse_ipv6(&packet) {
+            Ok(h) => h,
+            Err(_) => {
+                self.drops.not_ipv6 += 1;
+                return;
+            }
+        };
+        if self.cfg.prefix.contains(&h.dst) {
+            self.outputs.push_back(Output::ToTun(packet));
+            return;
+        }
+        self.forward(now, h, packet);
+    }
+
+    /// A decrypted packet that arrived in the tunnel from `peer`.
+    pub fn from_tunnel(&mut self, now: Instant, peer: PeerId, packet: Vec<u8>) {
+        let Some(t) = self.tunnels.get_mut(&peer) else {
+            self.drops.no_tunnel += 1;
+            return;
+        };
+        t.counters.rx_packets += 1;
+        t.counters.rx_bytes += packet.len() as u64;
+        t.last_rx = now;
+        let id = t.id;
+        let h = match packet::parse_ipv6(&packet) {
+            Ok(h) => h,
+            Err(_) => {
+                self.drops.not_ipv6 += 1;
+                return;
+            }
+        };
+        // Babel, link-local, inside this tunnel.
+        if is_link_local(&h.src) && (h.dst == BABEL_GROUP || h.dst == self.ll) {
+            if let Some(payload) = packet::udp_payload(&packet, &h, BABEL_PORT)
+                && packet::udp_checksum_ok(&packet, &h)
+            {
+                self.router.handle_packet(now, id, h.src, payload);
+                self.pump(now);
+            } else {
+                self.drops.not_ipv6 += 1;
+            }
+            return;
+        }
+        // Data: the peer may only send from what it advertises (allowed-IPs).
+        let allowed = self.tunnels.get(&peer).is_some_and(|t| t.allowed.lookup(h.src).is_some());
+        if !allowed || !self.cfg.network.contains(&h.src) {
+            self.drops.bad_source += 1;
+            return;
+        }
+        if self.cfg.prefix.contains(&h.dst) {
+            self.outputs.push_back(Output::ToTun(packet));
+            return;
+        }
+        self.forward(now, h, packet);
+    }
+
+    fn forward(&mut self, _now: Instant, h: Ipv6Header, mut packet: Vec<u8>) {
+        if !self.cfg.network.contains(&h.dst) {
+            self.drops.no_route += 1;
+            return;
+        }
+        let Some(peer) = self.fib.lookup(h.dst).copied() else {
+            self.drops.no_route += 1;
+            return;
+        };
+        if !packet::decrement_hop_limit(&mut packet) {
+            self.drops.hop_limit += 1;
+            return;
+        }
+        self.send(peer, packet);
+    }
+
+    fn send(&mut self, peer: PeerId, packet: Vec<u8>) {
+        let Some(t) = self.tunnels.get_mut(&peer) else {
+            self.drops.no_tunnel += 1;
+            return;
+        };
+        t.counters.tx_packets += 1;
+        t.counters.tx_bytes += packet.len() as u64;
+        self.outputs.push_back(Output::ToTunnel { peer, packet });
+    }
+
+    /// When [`NodeCore::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Instant {
+        let mut t = self.manager.poll_timeout().min(self.next_housekeeping);
+        if let Some(r) = self.router.poll_timeout() {
+            t = t.min(r);
+        }
+        t
+    }
+
+    /// Runs what is due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.next_housekeeping {
+            self.close_silent_tunnels(now);
+            self.housekeeping();
+            self.next_housekeeping = now + HOUSEKEEPING;
+        }
+        self.router.handle_timeout(now);
+        self.manager.handle_timeout(now);
+        self.pump(now);
+    }
+
+    /// The next packet to send.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    /// Tunnels silent for 10 Hello intervals (at least 5 s) are dead: close
+    /// them, so that the manager replaces them.
+    fn close_silent_tunnels(&mut self, now: Instant) {
+        let limit = (self.cfg.hello_interval * 10).max(Duration::from_secs(5));
+        let dead: Vec<PeerId> = self
+            .tunnels
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(t.last_rx) > limit)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in dead {
+            tracing::info!(%peer, "tunnel silent for {limit:?}: closing it");
+            self.events.push_back(NodeEvent::Manager(Action::Disconnect { peer, reason: "silent" }));
+            self.tunnel_down(now, peer);
+        }
+    }
+
+    /// Refreshes what each peer may send from, and the route counts and
+    /// distant destinations the tunnel manager uses.
+    fn housekeeping(&mut self) {
+        let mut allowed: HashMap<TunnelId, Fib<()>> = HashMap::new();
+        let mut counts: BTreeMap<PeerId, usize> = BTreeMap::new();
+        let mut distant = Vec::new();
+        for r in self.router.routes() {
+            let Some(iface) = r.iface else { continue };
+            if r.metric < sixmesh_routing::wire::INFINITY {
+                allowed.entry(iface).or_default().insert(r.prefix, ());
+            }
+            if r.selected {
+                if let Some(p) = self.by_id.get(&iface) {
+                    *counts.entry(*p).or_default() += 1;
+                }
+                if r.prefix.prefix_len() == self.cfg.prefix.prefix_len() {
+                    distant.push(r.prefix);
+                }
+            }
+        }
+        for (peer, t) in &mut self.tunnels {
+            let mut a = allowed.remove(&t.id).unwrap_or_default();
+            a.insert(*peer, ());
+            t.allowed = a;
+        }
+        self.manager.set_route_counts(&counts);
+        self.manager.set_distant(distant);
+    }
+
+    /// Moves the router's and manager's outputs into ours, until neither
+    /// has anything left (closing a tunnel makes Babel retract routes).
+    fn pump(&mut self, now: Instant) {
+        loop {
+            let mut busy = false;
+            while let Some(a) = self.manager.poll_action() {
+                busy = true;
+                if let Action::Disconnect { peer, .. } = &a
+                    && let Some(t) = self.tunnels.remove(peer)
+                {
+                    self.by_id.remove(&t.id);
+                    self.router.remove_interface(now, t.id);
+                }
+                self.events.push_back(NodeEvent::Manager(a));
+            }
+            while let Some(e) = self.router.poll_event() {
+                busy = true;
+                self.apply_router_event(e);
+            }
+            while let Some(t) = self.router.poll_transmit() {
+                busy = true;
+                let Some(peer) = self.by_id.get(&t.iface).copied() else { continue };
+                let dst = match t.dst {
+                    Destination::Multicast => BABEL_GROUP,
+                    Destination::Unicast(a) => a,
+                };
+                let p = packet::build_udp(self.ll, dst, BABEL_PORT, 1, &t.payload);
+                self.send(peer, p);
+            }
+            if !busy {
+                return;
+            }
+        }
+    }
+
+    fn apply_router_event(&mut self, e: Event) {
+        match e {
+            Event::Selected { prefix, src: None, iface, metric, .. } => {
+                if let Some(peer) = self.by_id.get(&iface).copied() {
+                    self.fib.insert(prefix, peer);
+                    self.events.push_back(NodeEvent::Route { prefix, via: Some(peer), metric });
+                }
+            }
+            Event::Unselected { prefix, src: None } => {
+                self.fib.remove(&prefix);
+                self.events.push_back(NodeEvent::Route { prefix, via: None, metric: u16::MAX });
+            }
+            // Source-specific routes (gateways) stay in Babel's table; the
+            // node does not forward by source yet.
+            Event::Selected { .. } | Event::Unselected { .. } => {}
+            Event::SeqnoChanged(s) => self.events.push_back(NodeEvent::SeqnoChanged(s)),
+            Event::NeighbourUp { .. } | Event::NeighbourDown { .. } => {}
+        }
+    }
+}
+
+fn is_link_local(a: &Ipv6Addr) -> bool {
+    a.segments()[0] & 0xffc0 == 0xfe80
+}
