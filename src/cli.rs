@@ -31,17 +31,17 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a registry: the CA that gives each node a certificate and an IPv6 prefix
-    Registry(Pending),
+    Registry(crate::cmd::registry::RegistryArgs),
     /// Enroll this machine with a registry: get a certificate and an IPv6 prefix
-    Join(Pending),
+    Join(crate::cmd::registry::JoinArgs),
     /// Run the mesh daemon on this machine: tunnels, Babel routing, forwarding
-    Node(Pending),
+    Node(crate::cmd::node::NodeArgs),
     /// Show this node's identity, prefix, uptime, tunnels and route count
-    Status(Pending),
+    Status(crate::cmd::node::StatusArgs),
     /// List the peers this node keeps tunnels to, with RTT and traffic
-    Peers(Pending),
+    Peers(crate::cmd::node::StatusArgs),
     /// Print the routes Babel selected (the mesh's routing table)
-    Routes(Pending),
+    Routes(crate::cmd::node::RoutesArgs),
     /// Order, place and run services in computer partitions (SlapOS's SLAP)
     Slap(Pending),
     /// Carry IPv4-only TCP across the mesh over mutual TLS, like stunnel
@@ -53,7 +53,7 @@ pub enum Command {
     /// Start a registry and 8 nodes in namespaces and watch the mesh route around a cut
     Demo(Pending),
     /// Measure sixmesh against real peers (babeld, wireguard-go, stunnel, ...)
-    Bench(Pending),
+    Bench(crate::cmd::bench::BenchArgs),
 }
 
 /// Arguments of a subcommand that a later issue fills; accepted so that the

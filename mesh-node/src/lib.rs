@@ -13,10 +13,13 @@
 //! Status: arrives with the mesh-node issue; this crate is the placeholder
 //! the workspace builds on.
 
+pub mod daemon;
 pub mod fib;
+pub mod identity;
 pub mod manager;
 pub mod node;
 pub mod packet;
+pub mod peerdb;
 
 /// Default name of the node's TUN device.
 pub const DEFAULT_TUN_NAME: &str = "sixmesh0";

@@ -114,6 +114,9 @@ pub struct TunnelCounters {
 #[derive(Debug)]
 struct Tunnel {
     id: TunnelId,
+    /// A peer that does not speak Babel (e.g. a plain WireGuard peer): a
+    /// fixed route to its prefix, no Babel, never closed for silence.
+    fixed: bool,
     counters: TunnelCounters,
     /// Last time anything came out of this tunnel.
     last_rx: Instant,
@@ -212,7 +215,10 @@ impl NodeCore {
         self.next_id = self.next_id.wrapping_add(1).max(1);
         let mut allowed = Fib::new();
         allowed.insert(peer, ());
-        self.tunnels.insert(peer, Tunnel { id, counters: TunnelCounters::default(), last_rx: now, allowed });
+        self.tunnels.insert(
+            peer,
+            Tunnel { id, fixed: false, counters: TunnelCounters::default(), last_rx: now, allowed },
+        );
         self.by_id.insert(id, peer);
         let mut ic = InterfaceConfig::new(LinkKind::Tunnel, self.ll);
         ic.hello_interval = self.cfg.hello_interval;
@@ -225,11 +231,42 @@ impl NodeCore {
         self.pump(now);
     }
 
+    /// A tunnel to a peer that does not speak Babel (a plain WireGuard
+    /// peer) is up: traffic to its prefix goes to it, it may send from its
+    /// prefix only, and we announce its prefix in Babel (we are the mesh's
+    /// gateway to it).
+    pub fn fixed_tunnel_up(&mut self, now: Instant, peer: PeerId) {
+        if self.tunnels.contains_key(&peer) {
+            return;
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        let mut allowed = Fib::new();
+        allowed.insert(peer, ());
+        self.tunnels.insert(
+            peer,
+            Tunnel { id, fixed: true, counters: TunnelCounters::default(), last_rx: now, allowed },
+        );
+        self.by_id.insert(id, peer);
+        self.fib.insert(peer, peer);
+        self.events.push_back(NodeEvent::Route { prefix: peer, via: Some(peer), metric: 0 });
+        // We are the mesh's gateway to it.
+        self.router.announce(now, peer, None);
+        self.pump(now);
+    }
+
     /// The tunnel to `peer` is gone (or never came up).
     pub fn tunnel_down(&mut self, now: Instant, peer: PeerId) {
         if let Some(t) = self.tunnels.remove(&peer) {
             self.by_id.remove(&t.id);
-            self.router.remove_interface(now, t.id);
+            if t.fixed {
+                if self.fib.lookup(peer.network()) == Some(&peer) {
+                    self.fib.remove(&peer);
+                }
+                self.router.withdraw(now, peer, None);
+            } else {
+                self.router.remove_interface(now, t.id);
+            }
         }
         self.manager.tunnel_down(now, peer);
         self.pump(now);
@@ -252,7 +289,9 @@ impl NodeCore {
             }
         };
         if self.cfg.prefix.contains(&h.dst) {
-            self.outputs.push_back(Output::ToTun(packet));
+            // Our own prefix is the kernel's business: sending it back to the
+            // TUN would loop.
+            self.drops.no_route += 1;
             return;
         }
         self.forward(now, h, packet);
@@ -290,6 +329,7 @@ impl NodeCore {
         // Data: the peer may only send from what it advertises (allowed-IPs).
         let allowed = self.tunnels.get(&peer).is_some_and(|t| t.allowed.lookup(h.src).is_some());
         if !allowed || !self.cfg.network.contains(&h.src) {
+            tracing::debug!(%peer, src = %h.src, dst = %h.dst, "dropped: source not allowed from this peer");
             self.drops.bad_source += 1;
             return;
         }
@@ -364,7 +404,7 @@ impl NodeCore {
         let dead: Vec<PeerId> = self
             .tunnels
             .iter()
-            .filter(|(_, t)| now.saturating_duration_since(t.last_rx) > limit)
+            .filter(|(_, t)| !t.fixed && now.saturating_duration_since(t.last_rx) > limit)
             .map(|(p, _)| *p)
             .collect();
         for peer in dead {
@@ -394,7 +434,7 @@ impl NodeCore {
                 }
             }
         }
-        for (peer, t) in &mut self.tunnels {
+        for (peer, t) in self.tunnels.iter_mut().filter(|(_, t)| !t.fixed) {
             let mut a = allowed.remove(&t.id).unwrap_or_default();
             a.insert(*peer, ());
             t.allowed = a;
@@ -461,4 +501,51 @@ impl NodeCore {
 
 fn is_link_local(a: &Ipv6Addr) -> bool {
     a.segments()[0] & 0xffc0 == 0xfe80
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core(now: Instant) -> NodeCore {
+        let cfg = NodeConfig::new(
+            "fd5e:77::/64".parse().unwrap(),
+            "fd5e:77::/48".parse().unwrap(),
+            RouterId([2, 0, 0, 0, 0, 0, 0, 1]),
+            0,
+        );
+        NodeCore::new(cfg, now)
+    }
+
+    #[test]
+    fn fixed_peer_may_send_from_its_prefix_only_and_is_routed_to() {
+        let now = Instant::now();
+        let mut c = core(now);
+        let peer: Ipv6Net = "fd5e:77:0:ffff::/64".parse().unwrap();
+        c.fixed_tunnel_up(now, peer);
+        while c.poll_output().is_some() {}
+        let ok = packet::build_udp(
+            "fd5e:77:0:ffff::1".parse().unwrap(),
+            "fd5e:77::1".parse().unwrap(),
+            9,
+            64,
+            b"x",
+        );
+        c.from_tunnel(now, peer, ok.clone());
+        assert_eq!(c.poll_output(), Some(Output::ToTun(ok)), "{:?}", c.drops());
+        let spoofed =
+            packet::build_udp("fd5e:77:1::1".parse().unwrap(), "fd5e:77::1".parse().unwrap(), 9, 64, b"x");
+        c.from_tunnel(now, peer, spoofed);
+        assert_eq!(c.poll_output(), None);
+        assert_eq!(c.drops().bad_source, 1);
+        let out = packet::build_udp(
+            "fd5e:77::1".parse().unwrap(),
+            "fd5e:77:0:ffff::1".parse().unwrap(),
+            9,
+            64,
+            b"y",
+        );
+        c.from_tun(now, out);
+        assert!(matches!(c.poll_output(), Some(Output::ToTunnel { peer: p, .. }) if p == peer));
+    }
 }

@@ -10,7 +10,10 @@ use clap::{Args, Subcommand};
 use ipnet::Ipv6Net;
 use sixmesh_routing::driver::{self, InterfaceSpec};
 
-use crate::cli::Pending;
+use sixmesh_mesh_node::daemon::{self, DaemonConfig, StaticPeer};
+use sixmesh_mesh_node::identity::Identity;
+use sixmesh_mesh_node::manager::ManagerConfig;
+use sixmesh_mesh_node::node::NodeConfig;
 
 /// Default control socket of `sixmesh node babel`.
 pub const DEFAULT_BABEL_CONTROL: &str = "/run/sixmesh/babel.sock";
@@ -25,8 +28,8 @@ pub struct NodeArgs {
 enum NodeCommand {
     /// Run only the Babel router on real interfaces (joins a LAN of Babel routers, e.g. babeld)
     Babel(BabelArgs),
-    /// Run the full mesh daemon: TUN, encrypted tunnels, Babel inside them
-    Run(Pending),
+    /// Run the mesh daemon: TUN, encrypted tunnels, Babel inside them
+    Run(RunArgs),
 }
 
 /// Runs the Babel router (RFC 8966) on real interfaces until SIGINT/SIGTERM.
@@ -72,13 +75,7 @@ fn parse_announce(s: &str) -> Result<(Ipv6Net, Option<Ipv6Net>), String> {
 pub fn run_node(args: NodeArgs) -> Result<ExitCode> {
     match args.command {
         NodeCommand::Babel(a) => run_babel(a),
-        NodeCommand::Run(_) => {
-            eprintln!(
-                "sixmesh node run: not implemented yet; it arrives with issue #5 (The mesh node). \
-                 `sixmesh node babel` runs the Babel router alone today. Nothing was done."
-            );
-            Ok(ExitCode::from(crate::EXIT_NOT_IMPLEMENTED))
-        }
+        NodeCommand::Run(a) => run_daemon(a),
     }
 }
 
@@ -101,12 +98,13 @@ fn run_babel(a: BabelArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints the routing table of a running router.
+/// Prints the routing table of a running node (or `node babel` router).
 #[derive(Debug, Args)]
 pub struct RoutesArgs {
-    /// Control socket of the router.
-    #[arg(long, value_name = "SOCK", default_value = DEFAULT_BABEL_CONTROL)]
-    control: PathBuf,
+    /// Control socket of the node or router [default: /run/sixmesh/node.sock
+    /// if it exists, else /run/sixmesh/babel.sock].
+    #[arg(long, value_name = "SOCK")]
+    control: Option<PathBuf>,
     /// Print the router's whole state (neighbours, routes, counters) as JSON.
     #[arg(long)]
     json: bool,
@@ -114,12 +112,16 @@ pub struct RoutesArgs {
 
 /// Runs `sixmesh routes`.
 pub fn run_routes(a: RoutesArgs) -> Result<ExitCode> {
+    let control = a.control.unwrap_or_else(|| {
+        let node = PathBuf::from(DEFAULT_NODE_CONTROL);
+        if node.exists() { node } else { PathBuf::from(DEFAULT_BABEL_CONTROL) }
+    });
     let answer = super::runtime()?
-        .block_on(driver::control_request(&a.control, r#"{"cmd":"dump"}"#))
+        .block_on(driver::control_request(&control, r#"{"cmd":"dump"}"#))
         .with_context(|| {
             format!(
                 "cannot reach the router at {} (is `sixmesh node babel` running? pass --control SOCK)",
-                a.control.display()
+                control.display()
             )
         })?;
     if a.json {
@@ -159,5 +161,172 @@ pub fn run_routes(a: RoutesArgs) -> Result<ExitCode> {
         );
     }
     println!("(* selected, u unfeasible)");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Default control socket of `sixmesh node run`.
+pub const DEFAULT_NODE_CONTROL: &str = "/run/sixmesh/node.sock";
+
+/// Runs the mesh daemon with the identity `sixmesh join` wrote.
+///
+/// It creates the TUN device, opens the tunnel socket, gets peers from its
+/// cache or the registry, keeps tunnels to a reshuffled random set of them,
+/// and runs Babel inside every tunnel. Stop it with SIGINT/SIGTERM: it
+/// removes what it set up.
+#[derive(Debug, Args)]
+#[command(after_help = "Settings come from the signed network config; --config FILE (TOML) overrides: \
+listen_port, tun, control, endpoints = [\"ip:port\"], hello_interval_ms, config_refresh_secs, \
+client_count, max_clients, tunnel_refresh_secs, and [[peer]] tables (prefix, public_key, endpoint, babel) \
+for fixed peers such as plain WireGuard ones.")]
+pub struct RunArgs {
+    /// The state directory `sixmesh join` filled.
+    #[arg(long, value_name = "DIR", default_value = sixmesh_registry::client::DEFAULT_NODE_STATE_DIR)]
+    state_dir: PathBuf,
+    /// A TOML file of settings (see below).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// UDP port of the tunnels (default: the network config's).
+    #[arg(long)]
+    listen_port: Option<u16>,
+    /// Underlay endpoint to advertise (ip:port); repeat. Default: this machine's addresses.
+    #[arg(long = "endpoint", value_name = "IP:PORT")]
+    endpoints: Vec<std::net::SocketAddr>,
+    /// Control socket for `sixmesh status`, `peers` and `routes`.
+    #[arg(long, value_name = "SOCK")]
+    control: Option<PathBuf>,
+}
+
+/// `node.toml`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeFile {
+    listen_port: Option<u16>,
+    tun: Option<String>,
+    control: Option<PathBuf>,
+    #[serde(default)]
+    endpoints: Vec<std::net::SocketAddr>,
+    hello_interval_ms: Option<u64>,
+    config_refresh_secs: Option<u64>,
+    client_count: Option<usize>,
+    max_clients: Option<usize>,
+    tunnel_refresh_secs: Option<u64>,
+    #[serde(default, rename = "peer")]
+    peers: Vec<StaticPeer>,
+}
+
+fn run_daemon(a: RunArgs) -> Result<ExitCode> {
+    let file: NodeFile = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("{} is not a valid node config", p.display()))?
+        }
+        None => NodeFile::default(),
+    };
+    let id = Identity::load(&a.state_dir)?;
+    let babel_state = a.state_dir.join("babel.state");
+    let st = sixmesh_routing::driver::PersistentState::load_or_create(&babel_state)?;
+    let mut node = NodeConfig::new(id.prefix, id.network, st.router_id, st.seqno);
+    if let Some(ms) = file.hello_interval_ms {
+        node.hello_interval = Duration::from_millis(ms.clamp(50, 60_000));
+    }
+    let t = &id.config.tunnel;
+    node.manager = ManagerConfig {
+        client_count: file.client_count.unwrap_or(t.client_count as usize),
+        max_clients: file.max_clients.unwrap_or(t.max_clients as usize),
+        tunnel_refresh: Duration::from_secs(
+            file.tunnel_refresh_secs.unwrap_or(u64::from(t.refresh_secs)).max(1),
+        ),
+        ..ManagerConfig::default()
+    };
+    let port = a.listen_port.or(file.listen_port).unwrap_or(t.port);
+    let tun_name = file.tun.unwrap_or_else(|| sixmesh_mesh_node::DEFAULT_TUN_NAME.to_string());
+    let mut endpoints = if a.endpoints.is_empty() { file.endpoints } else { a.endpoints };
+    if endpoints.is_empty() {
+        endpoints = daemon::local_endpoints(port, &id.network, &tun_name);
+    }
+    let cfg = DaemonConfig {
+        trust: Some(daemon::Trust {
+            ca_der: id.ca_der,
+            cert_der: id.cert_der,
+            revoked: id.config.revoked_serials.clone(),
+        }),
+        state_dir: Some(a.state_dir.clone()),
+        endpoints,
+        config_refresh: Duration::from_secs(file.config_refresh_secs.unwrap_or(30).max(1)),
+        babel_state: Some(babel_state),
+        node,
+        tunnel_secret: id.tunnel_secret,
+        listen_port: port,
+        tun_name,
+        control: Some(a.control.or(file.control).unwrap_or_else(|| PathBuf::from(DEFAULT_NODE_CONTROL))),
+        static_peers: file.peers,
+        known_peers: Vec::new(),
+    };
+    super::runtime()?.block_on(daemon::run(cfg, super::shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sixmesh status` and `sixmesh peers`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Control socket of the node.
+    #[arg(long, value_name = "SOCK", default_value = DEFAULT_NODE_CONTROL)]
+    control: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn node_status(a: &StatusArgs) -> Result<serde_json::Value> {
+    let answer = super::runtime()?
+        .block_on(driver::control_request(&a.control, r#"{"cmd":"status"}"#))
+        .with_context(|| {
+            format!(
+                "cannot reach the node at {} (is `sixmesh node run` running? pass --control SOCK)",
+                a.control.display()
+            )
+        })?;
+    serde_json::from_str(&answer).context("the node answered something that is not JSON")
+}
+
+/// Runs `sixmesh status`.
+pub fn run_status(a: StatusArgs) -> Result<ExitCode> {
+    let v = node_status(&a)?;
+    if a.json {
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let tunnels = v["tunnels"].as_array().cloned().unwrap_or_default();
+    let up = tunnels.iter().filter(|t| t["up"] == true).count();
+    println!("prefix        {}", v["prefix"].as_str().unwrap_or("?"));
+    println!("mesh address  {}", v["mesh_address"].as_str().unwrap_or("?"));
+    println!("tunnel key    {}", v["public_key"].as_str().unwrap_or("?"));
+    println!("listen port   {}", v["listen_port"]);
+    println!("uptime        {:.0} s", v["uptime_s"].as_f64().unwrap_or(0.0));
+    println!("tunnels       {up} up of {}", tunnels.len());
+    println!("routes        {}", v["routes"]);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `sixmesh peers`.
+pub fn run_peers(a: StatusArgs) -> Result<ExitCode> {
+    let v = node_status(&a)?;
+    if a.json {
+        println!("{}", v["tunnels"]);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<26} {:<30} {:<5} {:>9} {:>12} {:>12}", "PEER", "ENDPOINT", "UP", "RTT", "TX", "RX");
+    for t in v["tunnels"].as_array().into_iter().flatten() {
+        let rtt = t["rtt_ms"].as_f64().map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<26} {:<30} {:<5} {:>9} {:>12} {:>12}",
+            t["peer"].as_str().unwrap_or("?"),
+            t["endpoint"].as_str().unwrap_or("-"),
+            if t["up"] == true { "yes" } else { "no" },
+            rtt,
+            t["tx_bytes"],
+            t["rx_bytes"],
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,7 +11,9 @@
 //! **Dependencies:** it may use every crate of the workspace; nothing
 //! depends on it.
 
+pub mod mesh;
 pub mod netns;
+pub mod tunlink;
 
 use std::path::PathBuf;
 

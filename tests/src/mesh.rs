@@ -1,0 +1,312 @@
+//! A whole sixmesh network in namespaces, with the real binary: an
+//! "internet" namespace with a bridge, a registry, and nodes that joined it,
+//! each in its own namespace with an underlay address `fd99::N`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::netns::{Netns, veth};
+use crate::sixmesh_bin;
+
+/// Underlay address of host `i` (the registry is 1, nodes start at 2).
+pub fn underlay(i: usize) -> String {
+    format!("fd99::{:x}", i)
+}
+
+/// A running `sixmesh` process that is stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Stops with SIGTERM and waits up to 5 s; true if it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `sixmesh ARGS` in `ns` and returns stdout, panicking with stderr on failure.
+pub fn sixmesh(ns: &Netns, args: &[&str]) -> String {
+    let out = ns.command(sixmesh_bin()).args(args).output().expect("run sixmesh");
+    assert!(
+        out.status.success(),
+        "sixmesh {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Spawns `sixmesh ARGS` in `ns` with its stderr in `log`.
+pub fn spawn(ns: &Netns, args: &[&str], log: &Path) -> Proc {
+    let f = std::fs::File::create(log).expect("log file");
+    let child = ns
+        .command(sixmesh_bin())
+        .args(args)
+        .env("RUST_LOG", "info,sixmesh_mesh_node=debug")
+        .stdout(Stdio::null())
+        .stderr(f)
+        .spawn()
+        .expect("spawn sixmesh");
+    Proc { child, log: log.to_owned() }
+}
+
+/// Polls `f` every 100 ms until it holds; how long that took.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A namespace on the "internet" bridge with underlay address `fd99::i`.
+fn attach_host(inet: &Netns, i: usize, tag: &str) -> Netns {
+    let ns = Netns::new(tag).unwrap();
+    ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])
+        .unwrap();
+    veth(&ns, "u0", inet, &format!("p{i}")).unwrap();
+    inet.ip(&["link", "set", &format!("p{i}"), "master", "br0"]).unwrap();
+    ns.ip(&["addr", "add", &format!("{}/64", underlay(i)), "dev", "u0", "nodad"]).unwrap();
+    ns
+}
+
+/// One node of the network.
+pub struct Node {
+    pub ns: Netns,
+    pub dir: PathBuf,
+    pub control: PathBuf,
+    pub prefix: String,
+    pub mesh_address: String,
+    pub index: usize,
+    pub proc: Option<Proc>,
+}
+
+/// The network.
+pub struct Mesh {
+    pub dir: PathBuf,
+    pub inet: Netns,
+    pub reg: Netns,
+    pub registry: Option<Proc>,
+    pub fingerprint: String,
+    pub nodes: Vec<Node>,
+}
+
+impl Mesh {
+    /// Builds the namespaces, starts a registry and enrolls `n` nodes (not
+    /// started yet: see [`Mesh::start_node`]).
+    pub fn new(tag: &str, n: usize) -> Mesh {
+        let dir = std::env::temp_dir().join(format!("sixmesh-mesh-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let inet = Netns::new("inet").unwrap();
+        inet.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+        inet.ip(&["link", "set", "br0", "up"]).unwrap();
+        let host = |i: usize, tag: &str| attach_host(&inet, i, tag);
+        let reg = host(1, "reg");
+        let regdir = dir.join("registry");
+        let out = sixmesh(
+            &reg,
+            &["registry", "init", "--state-dir", regdir.to_str().unwrap(), "--network", "fd5e:77::/48"],
+        );
+        let fingerprint =
+            out.split_whitespace().find(|w| w.starts_with("sha256:")).expect("fingerprint").to_string();
+        let registry = spawn(
+            &reg,
+            &[
+                "registry",
+                "serve",
+                "--state-dir",
+                regdir.to_str().unwrap(),
+                "--listen",
+                "[::]:8443",
+                "--name",
+                &underlay(1),
+            ],
+            &dir.join("registry.log"),
+        );
+        let url = format!("https://[{}]:8443", underlay(1));
+        assert!(
+            wait_until(Duration::from_secs(10), || reg
+                .command("sh")
+                .args(["-c", "ss -ltn | grep -q 8443"])
+                .status()
+                .is_ok_and(|s| s.success()))
+            .is_some(),
+            "registry did not start: {}",
+            registry.log()
+        );
+        let mut nodes = Vec::new();
+        for k in 0..n {
+            let i = k + 2;
+            let ns = host(i, &format!("n{k}"));
+            let token_out =
+                sixmesh(&reg, &["registry", "token", "add", "--state-dir", regdir.to_str().unwrap()]);
+            let token = token_out
+                .split_whitespace()
+                .find(|w| {
+                    w.len() >= 20 && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                })
+                .expect("token")
+                .to_string();
+            let ndir = dir.join(format!("n{k}"));
+            let joined = sixmesh(
+                &ns,
+                &[
+                    "join",
+                    "--registry",
+                    &url,
+                    "--token",
+                    &token,
+                    "--ca-fingerprint",
+                    &fingerprint,
+                    "--state-dir",
+                    ndir.to_str().unwrap(),
+                ],
+            );
+            let mesh_address = joined
+                .lines()
+                .find_map(|l| l.strip_prefix("mesh address:").map(|s| s.trim().to_string()))
+                .expect("mesh address in join's output");
+            let prefix = std::fs::read_to_string(ndir.join("prefix")).unwrap().trim().to_string();
+            nodes.push(Node {
+                ns,
+                control: dir.join(format!("n{k}.sock")),
+                dir: ndir,
+                prefix,
+                mesh_address,
+                index: i,
+                proc: None,
+            });
+        }
+        Mesh { dir, inet, reg, registry: Some(registry), fingerprint, nodes }
+    }
+
+    /// Starts node `k`'s daemon, with `extra` lines of node.toml.
+    pub fn start_node(&mut self, k: usize, extra: &str) {
+        let node = &self.nodes[k];
+        let cfg = self.dir.join(format!("n{k}.toml"));
+        std::fs::write(&cfg, format!("hello_interval_ms = 500\nconfig_refresh_secs = 5\n{extra}\n")).unwrap();
+        let endpoint = format!("[{}]:51820", underlay(node.index));
+        let proc = spawn(
+            &node.ns,
+            &[
+                "node",
+                "run",
+                "--state-dir",
+                node.dir.to_str().unwrap(),
+                "--config",
+                cfg.to_str().unwrap(),
+                "--control",
+                node.control.to_str().unwrap(),
+                "--endpoint",
+                &endpoint,
+            ],
+            &self.dir.join(format!("n{k}.log")),
+        );
+        self.nodes[k].proc = Some(proc);
+    }
+
+    /// Whether `from` gets an answer to one ping to `to`'s mesh address.
+    pub fn ping(&self, from: usize, to: usize) -> bool {
+        self.nodes[from]
+            .ns
+            .command("ping")
+            .args(["-6", "-c", "1", "-W", "1", &self.nodes[to].mesh_address])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Pairs that do not answer pings, among running nodes.
+    pub fn unreachable(&self) -> Vec<(usize, usize)> {
+        let running: Vec<usize> = (0..self.nodes.len()).filter(|&k| self.nodes[k].proc.is_some()).collect();
+        let mut v = Vec::new();
+        for &a in &running {
+            for &b in &running {
+                if a != b && !self.ping(a, b) {
+                    v.push((a, b));
+                }
+            }
+        }
+        v
+    }
+
+    /// `sixmesh peers --json` of node `k`.
+    pub fn peers(&self, k: usize) -> serde_json::Value {
+        let out = self.nodes[k]
+            .ns
+            .command(sixmesh_bin())
+            .args(["peers", "--json", "--control", self.nodes[k].control.to_str().unwrap()])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    /// Blocks underlay traffic between two hosts in the "internet".
+    pub fn cut(&self, a: usize, b: usize) {
+        let (ia, ib) = (underlay(self.nodes[a].index), underlay(self.nodes[b].index));
+        let _ = self.inet.exec("nft", &["add table bridge cut"]);
+        let _ = self.inet.exec(
+            "nft",
+            &["add chain bridge cut fw { type filter hook forward priority 0; policy accept; }"],
+        );
+        for (x, y) in [(&ia, &ib), (&ib, &ia)] {
+            self.inet
+                .exec("nft", &[&format!("add rule bridge cut fw ip6 saddr {x} ip6 daddr {y} drop")])
+                .unwrap();
+        }
+    }
+
+    /// Another host on the "internet" (not a node), underlay `fd99::i`.
+    pub fn add_host(&self, i: usize, tag: &str) -> Netns {
+        attach_host(&self.inet, i, tag)
+    }
+
+    /// `sixmesh status --json` of node `k`.
+    pub fn status(&self, k: usize) -> serde_json::Value {
+        let out = self.nodes[k]
+            .ns
+            .command(sixmesh_bin())
+            .args(["status", "--json", "--control", self.nodes[k].control.to_str().unwrap()])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    /// Runs a command in a node's namespace (helper for ad-hoc checks).
+    pub fn command(&self, k: usize, program: &str) -> Command {
+        self.nodes[k].ns.command(program)
+    }
+}

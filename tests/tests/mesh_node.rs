@@ -1,0 +1,212 @@
+//! The mesh node for real: a registry and 6 nodes, each in its own
+//! namespace, joined through an "internet" namespace. Everyone reaches
+//! everyone; a cut path is routed around within 3 s; a revoked node is cut
+//! off within 30 s; with the registry down, a restarted node rejoins from
+//! its peer cache.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sixmesh_tests::mesh::{Mesh, wait_until};
+use sixmesh_tests::netns::require_root_netns;
+
+/// Sends pings every 50 ms from `a` to `b` for `secs` and returns the
+/// longest gap between two answers.
+fn longest_gap(mesh: &Mesh, a: usize, b: usize, secs: u32, during: impl FnOnce()) -> Duration {
+    let count = (secs * 20).to_string();
+    let child = mesh
+        .command(a, "ping")
+        .args(["-6", "-D", "-i", "0.05", "-W", "1", "-c", &count, &mesh.nodes[b].mesh_address])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    during();
+    let out = child.wait_with_output().unwrap();
+    let times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect();
+    assert!(times.len() > 20, "too few answers: {}", String::from_utf8_lossy(&out.stdout));
+    let gap = times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    Duration::from_secs_f64(gap)
+}
+
+#[test]
+fn six_nodes_mesh_reroute_revoke_and_rejoin_from_cache() {
+    if !require_root_netns() {
+        return;
+    }
+    let mut mesh = Mesh::new("six", 6);
+    let start = Instant::now();
+    for k in 0..6 {
+        mesh.start_node(k, "");
+    }
+    // Within 30 s of start, every node reaches every other node's mesh address.
+    let t = wait_until(Duration::from_secs(30), || mesh.unreachable().is_empty());
+    assert!(
+        t.is_some(),
+        "unreachable after 30 s: {:?}\n{}",
+        mesh.unreachable(),
+        mesh.nodes[0].proc.as_ref().unwrap().log()
+    );
+    eprintln!("all 30 pairs reachable {:?} after start", start.elapsed());
+
+    // Cut the direct path between two nodes: traffic flows again through
+    // others within 3 s.
+    let gap = longest_gap(&mesh, 0, 1, 10, || mesh.cut(0, 1));
+    eprintln!("longest ping gap across the cut: {gap:?}");
+    assert!(gap <= Duration::from_secs(3), "traffic stopped for {gap:?} after the cut");
+
+    // Revoke node 5 at the registry: all its tunnels close within 30 s, and
+    // its prefix becomes unreachable.
+    let regdir = mesh.dir.join("registry");
+    let out = mesh
+        .reg
+        .command(sixmesh_tests::sixmesh_bin())
+        .args(["registry", "revoke", &mesh.nodes[5].prefix, "--state-dir", regdir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "revoke: {}", String::from_utf8_lossy(&out.stderr));
+    let revoked_prefix = mesh.nodes[5].prefix.clone();
+    let closed = wait_until(Duration::from_secs(30), || {
+        (0..5).all(|k| {
+            !mesh
+                .peers(k)
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|t| t["peer"] == revoked_prefix.as_str() && t["up"] == true)
+        })
+    });
+    assert!(closed.is_some(), "peers kept tunnels to the revoked node: {:?}", mesh.peers(0));
+    eprintln!("revoked node's tunnels closed {:?} after the revocation", closed.unwrap());
+    std::thread::sleep(Duration::from_secs(3));
+    for k in 0..5 {
+        assert!(!mesh.ping(k, 5), "node {k} still reaches the revoked node");
+    }
+
+    // Stop the registry and restart node 2: it rejoins from its peer cache.
+    mesh.registry.take().map(|mut p| p.stop());
+    let mut p = mesh.nodes[2].proc.take().unwrap();
+    assert!(p.stop(), "node did not exit cleanly");
+    mesh.start_node(2, "");
+    let t = wait_until(Duration::from_secs(20), || (0..5).filter(|&k| k != 2).all(|k| mesh.ping(2, k)));
+    assert!(
+        t.is_some(),
+        "restarted node did not rejoin without the registry:\n{}",
+        mesh.nodes[2].proc.as_ref().unwrap().log()
+    );
+    eprintln!("restarted node back {:?} after its restart (registry down)", t.unwrap());
+}
+
+/// A plain WireGuard peer (wireguard-go, configured by hand with a node's
+/// tunnel key) exchanges traffic with a sixmesh node, and through it with
+/// the rest of the mesh: the tunnels are real WireGuard.
+#[test]
+fn wireguard_go_peer_talks_to_the_mesh() {
+    if !require_root_netns() {
+        return;
+    }
+    let mut mesh = Mesh::new("wg", 2);
+    // The WireGuard peer's host, on the same "internet".
+    let wg = mesh.add_host(9, "wg");
+    let wg_prefix = "fd5e:77:0:ffff::/64";
+    let key_file = mesh.dir.join("wg.key");
+    let privkey = std::process::Command::new("wg")
+        .arg("genkey")
+        .output()
+        .expect("wg genkey (apt-get install wireguard-tools)");
+    std::fs::write(&key_file, &privkey.stdout).unwrap();
+    let mut pubkey_cmd = std::process::Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    pubkey_cmd.stdin.take().unwrap().write_all(&privkey.stdout).unwrap();
+    let wg_pub = String::from_utf8(pubkey_cmd.wait_with_output().unwrap().stdout).unwrap().trim().to_string();
+
+    mesh.start_node(
+        0,
+        &format!(
+            "[[peer]]\nprefix = \"{wg_prefix}\"\npublic_key = \"{wg_pub}\"\nendpoint = \"[fd99::9]:51820\"\n"
+        ),
+    );
+    mesh.start_node(1, "");
+    assert!(
+        wait_until(Duration::from_secs(20), || mesh.unreachable().is_empty()).is_some(),
+        "mesh did not form"
+    );
+    let status = mesh.status(0);
+    let node_pub = status["public_key"].as_str().unwrap().to_string();
+
+    // wireguard-go in its namespace, configured with wg(8). Its UAPI socket
+    // (/var/run/wireguard/IF.sock) is not per namespace: a unique name.
+    let ifname = format!("wgt{}", std::process::id() % 100_000);
+    let ifname = ifname.as_str();
+    let wg_log = mesh.dir.join("wireguard-go.log");
+    let mut wg_go = wg
+        .command("wireguard-go")
+        .args(["-f", ifname])
+        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+        .env("LOG_LEVEL", "verbose")
+        .stdout(std::fs::File::create(&wg_log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wireguard-go (apt-get install wireguard-go)");
+    assert!(
+        wait_until(Duration::from_secs(10), || wg.ip(&["link", "show", ifname]).is_ok()).is_some(),
+        "wireguard-go did not create {ifname}: {}",
+        std::fs::read_to_string(&wg_log).unwrap_or_default()
+    );
+    wg.exec(
+        "wg",
+        &[
+            "set",
+            ifname,
+            "private-key",
+            key_file.to_str().unwrap(),
+            "listen-port",
+            "51820",
+            "peer",
+            &node_pub,
+            "allowed-ips",
+            "fd5e:77::/48",
+            "endpoint",
+            "[fd99::2]:51820",
+            "persistent-keepalive",
+            "5",
+        ],
+    )
+    .unwrap();
+    wg.ip(&["-6", "addr", "add", "fd5e:77:0:ffff::1/64", "dev", ifname]).unwrap();
+    wg.ip(&["link", "set", ifname, "up"]).unwrap();
+    wg.ip(&["-6", "route", "add", "fd5e:77::/48", "dev", ifname]).unwrap();
+
+    let ping = |ns: &sixmesh_tests::netns::Netns, dst: &str| {
+        ns.command("ping")
+            .args(["-6", "-c", "1", "-W", "1", dst])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let n0 = mesh.nodes[0].mesh_address.clone();
+    let n1 = mesh.nodes[1].mesh_address.clone();
+    let t = wait_until(Duration::from_secs(20), || ping(&wg, &n0));
+    assert!(
+        t.is_some(),
+        "wireguard-go cannot reach the node: {}\n{}",
+        mesh.status(0),
+        mesh.nodes[0].proc.as_ref().unwrap().log()
+    );
+    assert!(ping(&mesh.nodes[0].ns, "fd5e:77:0:ffff::1"), "the node cannot reach wireguard-go");
+    // Through node 0, which announces the WireGuard peer's prefix in Babel.
+    assert!(wait_until(Duration::from_secs(10), || ping(&mesh.nodes[1].ns, "fd5e:77:0:ffff::1")).is_some());
+    assert!(ping(&wg, &n1), "wireguard-go cannot reach the other node through the mesh");
+    let _ = wg_go.kill();
+    let _ = wg_go.wait();
+}
