@@ -105,6 +105,8 @@ pub struct DaemonConfig {
     pub config_refresh: Duration,
     /// Where Babel's router-id and seqno are kept across restarts.
     pub babel_state: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (opt-in).
+    pub metrics: Option<SocketAddr>,
     /// Certificate checks; `None` only for tests with static peers.
     pub trust: Option<Trust>,
     pub node: NodeConfig,
@@ -171,6 +173,8 @@ type ControlMsg = (String, oneshot::Sender<String>);
 enum Background {
     Peers(Vec<(PeerId, PublicKey, Vec<SocketAddr>)>),
     Config(sixmesh_registry::netconfig::NetworkConfig),
+    /// Our certificate was renewed: offer the new one from now on.
+    Cert(Vec<u8>),
 }
 
 /// Asks the registry for peers (bootstrap list) in the background.
@@ -211,6 +215,25 @@ fn spawn_registry_loop(
                 let eps = endpoints.iter().map(ToString::to_string).collect();
                 if let Err(e) = sixmesh_registry::client::report_endpoints(&dir, eps).await {
                     tracing::warn!("cannot report our endpoints to the registry: {e}");
+                }
+            }
+            // Renewal from 2/3 of the lifetime (a local check; the registry is
+            // asked only when due). The tunnel key stays; the TLS key rotates.
+            if round.is_multiple_of(20) {
+                match sixmesh_registry::client::renew(&dir, false).await {
+                    Ok(Some(id)) => {
+                        tracing::info!(serial = %id.serial, "certificate renewed");
+                        let der = std::fs::read_to_string(dir.join(sixmesh_registry::client::files::CERT))
+                            .ok()
+                            .and_then(|pem| sixmesh_registry::ca::pem_to_der(&pem).ok());
+                        if let Some(der) = der
+                            && tx.send(Background::Cert(der)).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("certificate renewal failed (will retry): {e}"),
                 }
             }
             if round > 0 {
@@ -570,6 +593,12 @@ impl Daemon {
                     .manager()
                     .add_candidates(list.into_iter().filter(|(p, ..)| *p != me).map(|(p, _, e)| (p, e)));
             }
+            Background::Cert(der) => {
+                if let Some(t) = &mut self.trust {
+                    t.cert_der = der;
+                    self.cert_sent.clear();
+                }
+            }
             Background::Config(c) => {
                 if c.version <= self.config_version {
                     return;
@@ -767,9 +796,99 @@ impl Daemon {
         .unwrap_or_default()
     }
 
+    /// Prometheus text exposition of the counters.
+    fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut m = String::new();
+        let mut metric = |name: &str, help: &str, kind: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(m, "# HELP sixmesh_{name} {help}\n# TYPE sixmesh_{name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(m, "sixmesh_{name}{labels} {v}");
+            }
+        };
+        let up = self.sessions.values().filter(|s| s.up).count();
+        metric(
+            "uptime_seconds",
+            "Seconds since the node started.",
+            "gauge",
+            &[(String::new(), self.started.elapsed().as_secs_f64())],
+        );
+        metric(
+            "tunnels",
+            "Tunnels by state.",
+            "gauge",
+            &[
+                ("{state=\"up\"}".into(), up as f64),
+                ("{state=\"connecting\"}".into(), (self.sessions.len() - up) as f64),
+            ],
+        );
+        metric(
+            "routes",
+            "Destinations with a selected route.",
+            "gauge",
+            &[(String::new(), self.core.router().selected_count() as f64)],
+        );
+        let counters: Vec<_> = self.core.tunnel_counters().collect();
+        let per = |f: fn(&crate::node::TunnelCounters) -> u64| -> Vec<(String, f64)> {
+            counters.iter().map(|(p, c)| (format!("{{peer=\"{p}\"}}"), f(c) as f64)).collect()
+        };
+        metric(
+            "tunnel_tx_bytes_total",
+            "Inner bytes sent into each tunnel.",
+            "counter",
+            &per(|c| c.tx_bytes),
+        );
+        metric(
+            "tunnel_rx_bytes_total",
+            "Inner bytes received from each tunnel.",
+            "counter",
+            &per(|c| c.rx_bytes),
+        );
+        let d = self.core.drops();
+        metric(
+            "dropped_packets_total",
+            "Packets dropped, by reason.",
+            "counter",
+            &[
+                ("{reason=\"not_ipv6\"}".into(), d.not_ipv6 as f64),
+                ("{reason=\"no_route\"}".into(), d.no_route as f64),
+                ("{reason=\"bad_source\"}".into(), d.bad_source as f64),
+                ("{reason=\"hop_limit\"}".into(), d.hop_limit as f64),
+                ("{reason=\"no_tunnel\"}".into(), d.no_tunnel as f64),
+            ],
+        );
+        let st = self.stats;
+        metric(
+            "udp_datagrams_total",
+            "Datagrams on the tunnel socket.",
+            "counter",
+            &[("{kind=\"all\"}".into(), st.udp_in as f64), ("{kind=\"bad\"}".into(), st.udp_bad as f64)],
+        );
+        metric(
+            "handshakes_refused_total",
+            "Handshakes refused, by reason.",
+            "counter",
+            &[
+                ("{reason=\"unknown_key\"}".into(), st.handshakes_unknown_key as f64),
+                ("{reason=\"over_max_clients\"}".into(), st.handshakes_refused as f64),
+            ],
+        );
+        metric(
+            "certificates_total",
+            "Peer certificates checked, by result.",
+            "counter",
+            &[
+                ("{result=\"accepted\"}".into(), st.certs_accepted as f64),
+                ("{result=\"refused\"}".into(), st.certs_refused as f64),
+            ],
+        );
+        m
+    }
+
     fn control(&self, req: &str) -> String {
         let cmd: serde_json::Value = serde_json::from_str(req).unwrap_or_default();
         match cmd["cmd"].as_str() {
+            Some("metrics") => serde_json::json!({ "metrics": self.metrics() }).to_string(),
             Some("status") | Some("peers") => self.status(),
             Some("routes") | Some("dump") => serde_json::json!({
                 "router_id": self.core.router().id().to_string(),
@@ -957,7 +1076,14 @@ pub async fn run(
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
     if let Some(path) = &cfg.control {
         let l = bind_control(path)?;
-        tokio::spawn(serve_control(l, ctl_tx));
+        tokio::spawn(serve_control(l, ctl_tx.clone()));
+    }
+    if let Some(addr) = cfg.metrics {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Control { path: PathBuf::from(addr.to_string()), source })?;
+        tracing::info!(%addr, "Prometheus metrics on http://{addr}/metrics");
+        tokio::spawn(serve_metrics(l, ctl_tx));
     }
 
     let mut wg_tick = tokio::time::interval(Duration::from_millis(250));
@@ -1006,6 +1132,37 @@ pub async fn run(
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// A minimal HTTP/1.1 endpoint for Prometheus: any GET gets the metrics.
+async fn serve_metrics(l: tokio::net::TcpListener, tx: mpsc::Sender<ControlMsg>) {
+    use tokio::io::AsyncReadExt;
+    while let Ok((mut stream, _)) = l.accept().await {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            // Read the request head (bounded), then answer and close.
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => return,
+                }
+            }
+            let (otx, orx) = oneshot::channel();
+            if tx.send((r#"{"cmd":"metrics"}"#.to_string(), otx)).await.is_err() {
+                return;
+            }
+            let answer: serde_json::Value =
+                serde_json::from_str(&orx.await.unwrap_or_default()).unwrap_or_default();
+            let body = answer["metrics"].as_str().unwrap_or_default().to_string();
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+        });
+    }
 }
 
 fn bind_control(path: &std::path::Path) -> Result<UnixListener, DaemonError> {

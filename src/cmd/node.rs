@@ -176,7 +176,7 @@ pub const DEFAULT_NODE_CONTROL: &str = "/run/sixmesh/node.sock";
 #[derive(Debug, Args)]
 #[command(after_help = "Settings come from the signed network config; --config FILE (TOML) overrides: \
 listen_port, tun, control, endpoints = [\"ip:port\"], hello_interval_ms, config_refresh_secs, \
-client_count, max_clients, tunnel_refresh_secs, and [[peer]] tables (prefix, public_key, endpoint, babel) \
+client_count, max_clients, tunnel_refresh_secs, metrics = \"127.0.0.1:9185\", and [[peer]] tables (prefix, public_key, endpoint, babel) \
 for fixed peers such as plain WireGuard ones.")]
 pub struct RunArgs {
     /// The state directory `sixmesh join` filled.
@@ -194,6 +194,9 @@ pub struct RunArgs {
     /// Control socket for `sixmesh status`, `peers` and `routes`.
     #[arg(long, value_name = "SOCK")]
     control: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9185 (off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// `node.toml`.
@@ -210,6 +213,7 @@ struct NodeFile {
     client_count: Option<usize>,
     max_clients: Option<usize>,
     tunnel_refresh_secs: Option<u64>,
+    metrics: Option<std::net::SocketAddr>,
     #[serde(default, rename = "peer")]
     peers: Vec<StaticPeer>,
 }
@@ -254,6 +258,7 @@ fn run_daemon(a: RunArgs) -> Result<ExitCode> {
         endpoints,
         config_refresh: Duration::from_secs(file.config_refresh_secs.unwrap_or(30).max(1)),
         babel_state: Some(babel_state),
+        metrics: a.metrics.or(file.metrics),
         node,
         tunnel_secret: id.tunnel_secret,
         listen_port: port,

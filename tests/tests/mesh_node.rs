@@ -210,3 +210,95 @@ fn wireguard_go_peer_talks_to_the_mesh() {
     let _ = wg_go.kill();
     let _ = wg_go.wait();
 }
+
+/// Garbage on the tunnel port (random bytes, fake handshakes, data for
+/// unknown sessions, oversized datagrams, bad certificates) is dropped and
+/// counted; the node keeps working, and its Prometheus metrics say so.
+#[test]
+fn garbage_on_the_tunnel_port_is_counted_and_harmless() {
+    if !require_root_netns() {
+        return;
+    }
+    let mut mesh = Mesh::new("garbage", 2);
+    mesh.start_node(0, "metrics = \"[::1]:9185\"");
+    mesh.start_node(1, "");
+    assert!(
+        wait_until(Duration::from_secs(20), || mesh.unreachable().is_empty()).is_some(),
+        "mesh did not form"
+    );
+    let target: std::net::SocketAddr = "[fd99::2]:51820".parse().unwrap();
+    let sent = mesh.nodes[1]
+        .ns
+        .run(move || {
+            let sock = std::net::UdpSocket::bind("[::]:0").unwrap();
+            let mut x: u64 = 0x1234_5678;
+            let mut rnd = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let mut n = 0;
+            for i in 0..2000usize {
+                let len = match i % 5 {
+                    0 => 148, // handshake-initiation sized
+                    1 => 92,  // handshake-response sized
+                    2 => 32 + (rnd() % 200) as usize,
+                    3 => 1 + (rnd() % 8) as usize,
+                    _ => (rnd() % 1500) as usize,
+                };
+                let mut p: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+                match i % 5 {
+                    0 => p[..4].copy_from_slice(&[1, 0, 0, 0]),
+                    1 => p[..4].copy_from_slice(&[2, 0, 0, 0]),
+                    2 => p[..4].copy_from_slice(&[4, 0, 0, 0]),
+                    _ => {}
+                }
+                if sock.send_to(&p, target).is_ok() {
+                    n += 1;
+                }
+                if i % 200 == 0 {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            // Let the node drain its socket buffer, then: oversized, and
+            // certificates that are not certificates.
+            std::thread::sleep(Duration::from_millis(500));
+            let _ = sock.send_to(&vec![4u8; 65000], target);
+            for body in
+                [&b"SXM\x01"[..], b"SXM\x01\x01", b"SXM\x01\x01\x30\x82\x01\x00garbage", b"SXM\x01\x09x"]
+            {
+                let _ = sock.send_to(body, target);
+            }
+            n
+        })
+        .unwrap();
+    assert!(sent > 1900);
+    std::thread::sleep(Duration::from_secs(1));
+    let st = mesh.status(0);
+    let bad = st["stats"]["udp_bad"].as_u64().unwrap();
+    let refused = st["stats"]["certs_refused"].as_u64().unwrap();
+    assert!(bad >= 1000, "only {bad} bad datagrams counted: {st}");
+    assert!(refused >= 1, "bad certificates not counted: {st}");
+    assert!(mesh.unreachable().is_empty(), "the mesh broke after the garbage");
+    let metrics = mesh.nodes[0]
+        .ns
+        .run(|| {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect("[::1]:9185").unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.contains("sixmesh_tunnels{state=\"up\"} 1"), "{metrics}");
+    let counted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sixmesh_udp_datagrams_total{kind=\"bad\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .expect("bad-datagram counter in the metrics");
+    assert!(counted >= bad, "metrics say {counted} bad datagrams, status said {bad}");
+}
