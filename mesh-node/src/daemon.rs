@@ -200,13 +200,15 @@ fn spawn_bootstrap(dir: PathBuf, tx: mpsc::Sender<Background>) {
     });
 }
 
-/// Fetches the signed network config every `every`, and reports our
-/// endpoints every ten of those.
+/// Fetches the signed network config every `every` (or at once when
+/// `refresh_now` is notified), reports our endpoints every ten rounds, and
+/// renews the certificate when due.
 fn spawn_registry_loop(
     dir: PathBuf,
     endpoints: Vec<SocketAddr>,
     every: Duration,
     tx: mpsc::Sender<Background>,
+    refresh_now: Arc<tokio::sync::Notify>,
 ) {
     tokio::spawn(async move {
         let mut round = 0u64;
@@ -247,7 +249,11 @@ fn spawn_registry_loop(
                 }
             }
             round += 1;
-            tokio::time::sleep(every).await;
+            // A neighbour told of a newer config version: fetch at once.
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = refresh_now.notified() => { round = round.max(1); }
+            }
         }
     });
 }
@@ -312,6 +318,12 @@ struct Daemon {
     peer_keys: HashMap<PeerId, PublicKey>,
     endpoints: HashMap<PeerId, Vec<SocketAddr>>,
     serials: HashMap<PeerId, String>,
+    /// Peers' certificates (DER), to answer gossip with.
+    certs: HashMap<PeerId, Vec<u8>>,
+    /// When we last asked the mesh about a peer.
+    asked: HashMap<PeerId, Instant>,
+    /// Wakes the registry loop to fetch the network config now.
+    refresh_now: Arc<tokio::sync::Notify>,
     cert_sent: HashMap<SocketAddr, Instant>,
     state_dir: Option<PathBuf>,
     babel_state: Option<PathBuf>,
@@ -477,6 +489,8 @@ impl Daemon {
                 self.core.fixed_tunnel_up(now, peer);
             } else {
                 self.core.tunnel_up(now, peer);
+                let v = crate::gossip::Gossip::ConfigVersion(self.config_version).encode();
+                self.core.send_gossip(peer, &v);
             }
         }
         for p in inner {
@@ -519,6 +533,7 @@ impl Daemon {
                 }
                 self.keys.insert(key, prefix);
                 self.serials.insert(prefix, serial);
+                self.certs.insert(prefix, der.to_vec());
                 self.endpoints.entry(prefix).or_insert_with(|| vec![from]);
                 self.offer_cert(from).await;
             }
@@ -568,6 +583,7 @@ impl Daemon {
                 self.keys.remove(k.as_bytes());
             }
             self.serials.remove(&peer);
+            self.certs.remove(&peer);
             self.endpoints.remove(&peer);
             self.core.manager().remove_peer(peer, "revoked");
             self.core.tunnel_down(now, peer);
@@ -646,6 +662,87 @@ impl Daemon {
         }
     }
 
+    /// Asks two tunnel neighbours how to reach `target` (at most every 10 s).
+    fn ask_mesh(&mut self, target: PeerId) {
+        let now = Instant::now();
+        if self
+            .asked
+            .get(&target)
+            .is_some_and(|t| now.saturating_duration_since(*t) < Duration::from_secs(10))
+        {
+            return;
+        }
+        if self.asked.len() > MAX_KNOWN_KEYS {
+            self.asked.clear();
+        }
+        self.asked.insert(target, now);
+        let msg = crate::gossip::Gossip::WantPeer { prefix: target }.encode();
+        let mut nbrs: Vec<PeerId> =
+            self.core.babel_peers().filter(|p| self.sessions.get(p).is_some_and(|s| s.up)).collect();
+        use rand::seq::SliceRandom;
+        nbrs.shuffle(&mut rand::thread_rng());
+        for n in nbrs.into_iter().take(2) {
+            self.core.send_gossip(n, &msg);
+        }
+    }
+
+    fn gossip(&mut self, from: PeerId, payload: &[u8]) {
+        use crate::gossip::Gossip;
+        let msg = match Gossip::parse(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.udp_bad += 1;
+                tracing::debug!(%from, "bad gossip: {e}");
+                return;
+            }
+        };
+        match msg {
+            Gossip::WantPeer { prefix } => {
+                let (Some(cert), Some(eps)) = (self.certs.get(&prefix), self.endpoints.get(&prefix)) else {
+                    return;
+                };
+                let mut endpoints = eps.clone();
+                if let Some(s) = self.sessions.get(&prefix).and_then(|s| s.endpoint)
+                    && !endpoints.contains(&s)
+                {
+                    endpoints.insert(0, s);
+                }
+                let answer = Gossip::Peer { endpoints, cert_der: cert.clone() }.encode();
+                self.core.send_gossip(from, &answer);
+            }
+            Gossip::Peer { endpoints, cert_der } => {
+                let Some(trust) = &self.trust else { return };
+                match crate::identity::verify_peer_cert(
+                    &trust.ca_der,
+                    &cert_der,
+                    crate::identity::now_unix(),
+                    &trust.revoked,
+                ) {
+                    Ok((prefix, key, serial)) if prefix != self.core.prefix() && !endpoints.is_empty() => {
+                        tracing::debug!(%prefix, via = %from, "learned a peer through the mesh");
+                        self.keys.insert(key, prefix);
+                        self.peer_keys.insert(prefix, PublicKey::from(key));
+                        self.serials.insert(prefix, serial);
+                        self.certs.insert(prefix, cert_der);
+                        self.endpoints.insert(prefix, endpoints.clone());
+                        self.core.manager().add_candidates([(prefix, endpoints)]);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.stats.certs_refused += 1;
+                        tracing::info!(%from, "refused a gossiped certificate: {e}");
+                    }
+                }
+            }
+            Gossip::ConfigVersion(v) => {
+                if v > self.config_version {
+                    tracing::debug!(%from, version = v, "a neighbour has a newer network config");
+                    self.refresh_now.notify_one();
+                }
+            }
+        }
+    }
+
     fn is_fixed(&self, peer: &PeerId) -> bool {
         self.sessions.get(peer).is_some_and(|s| s.fixed)
     }
@@ -709,7 +806,8 @@ impl Daemon {
                         spawn_bootstrap(dir.clone(), self.bg_tx.clone());
                     }
                 }
-                NodeEvent::Manager(other) => tracing::debug!(?other, "tunnel manager"),
+                NodeEvent::Manager(Action::RequestEndpoints { peer }) => self.ask_mesh(peer),
+                NodeEvent::Gossip { peer, payload } => self.gossip(peer, &payload),
                 NodeEvent::SeqnoChanged(seqno) => {
                     if let Some(path) = &self.babel_state {
                         let st = sixmesh_routing::driver::PersistentState {
@@ -1002,6 +1100,7 @@ pub async fn run(
     let now = Instant::now();
     let public = PublicKey::from(&cfg.tunnel_secret);
     let (bg_tx, mut bg_rx) = mpsc::channel::<Background>(16);
+    let refresh_now = Arc::new(tokio::sync::Notify::new());
     let mut d = Daemon {
         core: NodeCore::new(cfg.node, now),
         limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE)),
@@ -1015,6 +1114,9 @@ pub async fn run(
         peer_keys: HashMap::new(),
         endpoints: HashMap::new(),
         serials: HashMap::new(),
+        certs: HashMap::new(),
+        asked: HashMap::new(),
+        refresh_now: refresh_now.clone(),
         cert_sent: HashMap::new(),
         state_dir: cfg.state_dir.clone(),
         babel_state: cfg.babel_state.clone(),
@@ -1091,7 +1193,13 @@ pub async fn run(
     let mut tun_buf = vec![0u8; 65536];
     let mut cache_tick = tokio::time::interval(Duration::from_secs(30));
     if let Some(dir) = &cfg.state_dir {
-        spawn_registry_loop(dir.clone(), cfg.endpoints.clone(), cfg.config_refresh, bg_tx.clone());
+        spawn_registry_loop(
+            dir.clone(),
+            cfg.endpoints.clone(),
+            cfg.config_refresh,
+            bg_tx.clone(),
+            refresh_now.clone(),
+        );
     }
     tokio::pin!(shutdown);
     loop {

@@ -15,6 +15,7 @@
 
 pub mod daemon;
 pub mod fib;
+pub mod gossip;
 pub mod identity;
 pub mod manager;
 pub mod node;

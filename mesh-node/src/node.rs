@@ -21,6 +21,10 @@ use crate::packet::{self, Ipv6Header};
 /// ff02::1:6.
 const BABEL_GROUP: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 6);
 
+/// UDP port of sixmesh's own messages between tunnel neighbours (peer
+/// records, network-config versions), link-local inside the tunnel.
+pub const GOSSIP_PORT: u16 = 6697;
+
 /// Babel's id of a tunnel (its interface number in the router).
 pub type TunnelId = u32;
 
@@ -90,6 +94,8 @@ pub enum NodeEvent {
     SeqnoChanged(u16),
     /// The route to `prefix` now goes through `peer` (or nowhere).
     Route { prefix: Ipv6Net, via: Option<PeerId>, metric: u16 },
+    /// A gossip message from a tunnel neighbour (see [`GOSSIP_PORT`]).
+    Gossip { peer: PeerId, payload: Vec<u8> },
 }
 
 /// Why packets were dropped (counters).
@@ -314,6 +320,18 @@ impl NodeCore {
                 return;
             }
         };
+        // Gossip from the neighbour itself, link-local.
+        if is_link_local(&h.src)
+            && h.dst == self.ll
+            && let Some(payload) = packet::udp_payload(&packet, &h, GOSSIP_PORT)
+        {
+            if packet::udp_checksum_ok(&packet, &h) {
+                self.events.push_back(NodeEvent::Gossip { peer, payload: payload.to_vec() });
+            } else {
+                self.drops.not_ipv6 += 1;
+            }
+            return;
+        }
         // Babel, link-local, inside this tunnel.
         if is_link_local(&h.src) && (h.dst == BABEL_GROUP || h.dst == self.ll) {
             if let Some(payload) = packet::udp_payload(&packet, &h, BABEL_PORT)
@@ -364,6 +382,20 @@ impl NodeCore {
         t.counters.tx_packets += 1;
         t.counters.tx_bytes += packet.len() as u64;
         self.outputs.push_back(Output::ToTunnel { peer, packet });
+    }
+
+    /// Sends a gossip message to a tunnel neighbour (a Babel peer).
+    pub fn send_gossip(&mut self, peer: PeerId, payload: &[u8]) {
+        if self.tunnels.get(&peer).is_none_or(|t| t.fixed) {
+            return;
+        }
+        let p = packet::build_udp(self.ll, tunnel_link_local(&peer), GOSSIP_PORT, 1, payload);
+        self.send(peer, p);
+    }
+
+    /// Tunnel neighbours that speak Babel (and gossip), and whether each is up.
+    pub fn babel_peers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.tunnels.iter().filter(|(_, t)| !t.fixed).map(|(p, _)| *p)
     }
 
     /// When [`NodeCore::handle_timeout`] should run next.

@@ -302,3 +302,44 @@ fn garbage_on_the_tunnel_port_is_counted_and_harmless() {
         .expect("bad-datagram counter in the metrics");
     assert!(counted >= bad, "metrics say {counted} bad datagrams, status said {bad}");
 }
+
+/// With the registry down, a new node that knows a single peer finds the
+/// others through the mesh: it asks its neighbour for their endpoints, and
+/// the answers carry CA-signed certificates.
+#[test]
+fn with_the_registry_down_a_node_finds_peers_through_the_mesh() {
+    if !require_root_netns() {
+        return;
+    }
+    let mut mesh = Mesh::new("gossip", 4);
+    for k in 0..3 {
+        mesh.start_node(k, "");
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || mesh.unreachable().is_empty()).is_some(),
+        "mesh did not form"
+    );
+    mesh.registry.take().map(|mut p| p.stop());
+    let key0 = mesh.status(0)["public_key"].as_str().unwrap().to_string();
+    let peer0 = format!(
+        "[[peer]]\nprefix = \"{}\"\npublic_key = \"{key0}\"\nendpoint = \"[{}]:51820\"\nbabel = true\n",
+        mesh.nodes[0].prefix,
+        sixmesh_tests::mesh::underlay(mesh.nodes[0].index)
+    );
+    mesh.start_node(3, &peer0);
+    let others = [mesh.nodes[1].prefix.clone(), mesh.nodes[2].prefix.clone()];
+    let t = wait_until(Duration::from_secs(30), || {
+        let peers = mesh.peers(3);
+        others.iter().all(|o| {
+            peers.as_array().into_iter().flatten().any(|t| t["peer"] == o.as_str() && t["up"] == true)
+        })
+    });
+    assert!(
+        t.is_some(),
+        "the new node did not find the others through the mesh: {}\n{}",
+        mesh.peers(3),
+        mesh.nodes[3].proc.as_ref().unwrap().log()
+    );
+    eprintln!("tunnels to peers learned through the mesh after {:?}", t.unwrap());
+    assert!(mesh.unreachable().is_empty());
+}
