@@ -45,13 +45,13 @@ pub enum Command {
     /// Order, place and run services in computer partitions (SlapOS's SLAP)
     Slap(Pending),
     /// Carry IPv4-only TCP across the mesh over mutual TLS, like stunnel
-    Bridge(Pending),
+    Bridge(crate::cmd::bridge::BridgeArgs),
     /// Run a CDN frontend that forwards web traffic to backends on the mesh
     Frontend(Pending),
     /// Simulate a whole mesh from a scenario file, on virtual time
-    Sim(Pending),
+    Sim(crate::cmd::sim::SimArgs),
     /// Start a registry and 8 nodes in namespaces and watch the mesh route around a cut
-    Demo(Pending),
+    Demo(crate::cmd::demo::DemoArgs),
     /// Measure sixmesh against real peers (babeld, wireguard-go, stunnel, ...)
     Bench(crate::cmd::bench::BenchArgs),
 }

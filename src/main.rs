@@ -39,10 +39,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Peers(args) => return cmd::node::run_peers(args),
         Command::Routes(args) => return cmd::node::run_routes(args),
         Command::Slap(_) => ("slap", 0, "SLAP orchestration over the mesh, not yet filed"),
-        Command::Bridge(_) => ("bridge", 7, "stunnel-like TLS bridge"),
+        Command::Bridge(args) => return cmd::bridge::run_bridge(args),
         Command::Frontend(_) => ("frontend", 0, "CDN frontend, not yet filed"),
-        Command::Sim(_) => ("sim", 6, "netsim: simulate whole meshes"),
-        Command::Demo(_) => ("demo", 6, "netsim and the demo"),
+        Command::Sim(args) => return cmd::sim::run_sim(args),
+        Command::Demo(args) => return cmd::demo::run_demo(args),
         Command::Bench(args) => return cmd::bench::run_bench(args),
     };
     let issue = if issue == 0 { "a later issue".to_string() } else { format!("issue #{issue}") };

@@ -8,5 +8,6 @@
 //! **Dependencies:** nothing of ours. It uses the mesh only through
 //! addresses and certificates.
 //!
-//! Status: arrives with the bridge and frontend issues; this crate is the
-//! placeholder the workspace builds on.
+//! Today: [`bridge`], the TLS bridge. The CDN frontend arrives with its issue.
+
+pub mod bridge;

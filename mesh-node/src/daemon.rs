@@ -39,6 +39,8 @@ const MAX_KNOWN_KEYS: usize = 4096;
 pub const OVERHEAD: usize = 80;
 /// MTU of the TUN device: inner packets fit a 1500-byte underlay.
 pub const TUN_MTU: u16 = 1420;
+/// Packets handled per wake-up before looking at the other sources.
+const BATCH: usize = 64;
 /// Handshakes per second accepted before cookies are required.
 const HANDSHAKE_RATE: u64 = 100;
 
@@ -336,6 +338,10 @@ struct Daemon {
     started: Instant,
     listen_port: u16,
     buf: Vec<u8>,
+    /// Encryption output, reused for every packet.
+    scratch: Vec<u8>,
+    /// Decryption output, reused for every packet.
+    scratch_in: Vec<u8>,
 }
 
 impl Daemon {
@@ -377,25 +383,40 @@ impl Daemon {
 
     /// Encrypts an inner packet for `peer` and sends it.
     async fn send_to_peer(&mut self, peer: PeerId, packet: &[u8]) {
-        let mut out = vec![0u8; packet.len() + 148];
+        let need = packet.len() + 148;
+        if self.scratch.len() < need {
+            self.scratch.resize(need, 0);
+        }
         let Some(s) = self.sessions.get_mut(&peer) else { return };
         let Some(ep) = s.endpoint else { return };
-        if let TunnResult::WriteToNetwork(b) = s.tunn.encapsulate(packet, &mut out) {
-            let b = b.to_vec();
-            self.send_to(&b, ep).await;
+        if let TunnResult::WriteToNetwork(b) = s.tunn.encapsulate(packet, &mut self.scratch)
+            && let Err(e) = self.sock.send_to(b, ep).await
+        {
+            tracing::debug!(to = %ep, "udp send: {e}");
         }
     }
 
+    /// Handles the datagram in `self.buf[..n]`, with no allocation for the
+    /// common case (the buffers are lent to the handler and put back).
     async fn handle_udp(&mut self, n: usize, from: SocketAddr) {
+        let buf = std::mem::take(&mut self.buf);
+        let mut out = std::mem::take(&mut self.scratch_in);
+        if out.len() < n.max(148) + 64 {
+            out.resize(n.max(148) + 64, 0);
+        }
+        self.handle_datagram(&buf[..n], &mut out, from).await;
+        self.buf = buf;
+        self.scratch_in = out;
+    }
+
+    async fn handle_datagram(&mut self, datagram: &[u8], out: &mut [u8], from: SocketAddr) {
         self.stats.udp_in += 1;
         let now = Instant::now();
-        let datagram = self.buf[..n].to_vec();
         if datagram.starts_with(CONTROL_MAGIC) {
             self.handle_control(&datagram[CONTROL_MAGIC.len()..], from).await;
             return;
         }
-        let mut out = vec![0u8; n.max(148) + 64];
-        let packet = match self.limiter.verify_packet(Some(from.ip()), &datagram, &mut out) {
+        let packet = match self.limiter.verify_packet(Some(from.ip()), datagram, out) {
             Ok(p) => p,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 let c = cookie.to_vec();
@@ -452,8 +473,8 @@ impl Daemon {
             let Some(s) = self.sessions.get_mut(&peer) else { return };
             let mut first = true;
             loop {
-                let src: &[u8] = if first { &datagram } else { &[] };
-                let r = s.tunn.decapsulate(Some(from.ip()), src, &mut out);
+                let src: &[u8] = if first { datagram } else { &[] };
+                let r = s.tunn.decapsulate(Some(from.ip()), src, out);
                 first = false;
                 match r {
                     TunnResult::WriteToNetwork(b) => replies.push(b.to_vec()),
@@ -1129,6 +1150,8 @@ pub async fn run(
         started: now,
         listen_port: cfg.listen_port,
         buf: vec![0u8; 65536],
+        scratch: vec![0u8; 65536 + 148],
+        scratch_in: vec![0u8; 65536 + 148],
     };
     let mut known = cfg.known_peers.clone();
     if let Some(dir) = &cfg.state_dir {
@@ -1207,13 +1230,28 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             r = d.sock.recv_from(&mut d.buf) => match r {
-                Ok((n, from)) => d.handle_udp(n, from).await,
+                Ok((n, from)) => {
+                    d.handle_udp(n, from).await;
+                    // Drain what else is queued before going back to select!.
+                    for _ in 0..BATCH {
+                        let Ok((n, from)) = d.sock.try_recv_from(&mut d.buf) else { break };
+                        d.handle_udp(n, from).await;
+                        d.pump().await;
+                    }
+                }
                 Err(e) => tracing::debug!("udp recv: {e}"),
             },
             r = d.tun.recv(&mut tun_buf) => match r {
                 Ok(n) => {
                     d.stats.tun_in += 1;
-                    d.core.from_tun(Instant::now(), tun_buf[..n].to_vec());
+                    let now = Instant::now();
+                    d.core.from_tun(now, tun_buf[..n].to_vec());
+                    for _ in 0..BATCH {
+                        let Ok(n) = d.tun.try_recv(&mut tun_buf) else { break };
+                        d.stats.tun_in += 1;
+                        d.core.from_tun(now, tun_buf[..n].to_vec());
+                        d.pump().await;
+                    }
                 }
                 Err(e) => tracing::debug!("tun read: {e}"),
             },
@@ -1274,23 +1312,8 @@ async fn serve_metrics(l: tokio::net::TcpListener, tx: mpsc::Sender<ControlMsg>)
 }
 
 fn bind_control(path: &std::path::Path) -> Result<UnixListener, DaemonError> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |source| DaemonError::Control { path: path.to_owned(), source };
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another node answers on it",
-            )));
-        }
-        std::fs::remove_file(path).map_err(err)?;
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let l = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(l)
+    sixmesh_routing::driver::bind_control_socket(path)
+        .map_err(|source| DaemonError::Control { path: path.to_owned(), source })
 }
 
 async fn serve_control(l: UnixListener, tx: mpsc::Sender<ControlMsg>) {

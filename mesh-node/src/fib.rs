@@ -3,10 +3,13 @@
 //! from the longest: a lookup costs one hash per distinct length (a mesh
 //! uses few: /64 nodes, /48 networks, ::/0 gateways).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
 
 use ipnet::Ipv6Net;
+// Fast, deterministic hashing of the masked addresses (they are rebuilt
+// every second for allowed sources: SipHash showed in profiles).
+use sixmesh_routing::core::FxMap as HashMap;
 
 /// A longest-prefix-match table from prefixes to `V`.
 #[derive(Clone, Debug)]

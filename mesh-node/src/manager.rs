@@ -19,6 +19,9 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
+/// First wait before asking the registry for peers again.
+const FIRST_BOOTSTRAP_RETRY: Duration = Duration::from_secs(10);
+
 /// A peer is known by its node prefix (the identity its certificate binds).
 pub type PeerId = Ipv6Net;
 
@@ -131,6 +134,7 @@ pub struct TunnelManager {
     last_incoming: Option<Instant>,
     started: Instant,
     last_bootstrap: Option<Instant>,
+    bootstrap_backoff: Duration,
     actions: VecDeque<Action>,
 }
 
@@ -151,6 +155,7 @@ impl TunnelManager {
             last_incoming: None,
             started: now,
             last_bootstrap: None,
+            bootstrap_backoff: FIRST_BOOTSTRAP_RETRY,
             actions: VecDeque::new(),
         }
     }
@@ -176,7 +181,10 @@ impl TunnelManager {
             if p == self.me || eps.is_empty() {
                 continue;
             }
-            self.candidates.insert(p, eps);
+            if self.candidates.insert(p, eps).is_none() {
+                // Something new: the next shortage may ask again soon.
+                self.bootstrap_backoff = FIRST_BOOTSTRAP_RETRY;
+            }
         }
         // Bounded: forget random ones, but never a peer we have a tunnel to.
         while self.candidates.len() > self.cfg.max_candidates {
@@ -387,13 +395,13 @@ impl TunnelManager {
         for peer in unknown.into_iter().take(still_missing) {
             self.actions.push_back(Action::RequestEndpoints { peer });
         }
-        // Alone: ask the registry, at most once per refresh period.
-        let alone = self.tunnels.values().all(|t| t.up_since.is_none());
-        if alone
-            && self
-                .last_bootstrap
-                .is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.check_interval * 6)
-        {
+        // Out of candidates: ask the registry too, backing off (10 s, 20 s,
+        // … up to the refresh period) while it has nothing new for us.
+        if self.last_bootstrap.is_none_or(|t| now.saturating_duration_since(t) >= self.bootstrap_backoff) {
+            if self.last_bootstrap.is_some() {
+                self.bootstrap_backoff =
+                    (self.bootstrap_backoff * 2).min(self.cfg.tunnel_refresh.max(self.cfg.check_interval));
+            }
             self.last_bootstrap = Some(now);
             self.actions.push_back(Action::NeedBootstrap);
         }
@@ -540,6 +548,15 @@ mod tests {
         let acts = drain(&mut m);
         assert!(acts.contains(&Action::RequestEndpoints { peer: p(4) }));
         assert!(acts.contains(&Action::RequestEndpoints { peer: p(5) }));
+        assert!(acts.contains(&Action::NeedBootstrap), "asked again after 10 s");
+        // Then it backs off: not at +25 s (20 s after the last), yes at +30 s.
+        m.handle_timeout(now + Duration::from_secs(25));
+        assert!(!drain(&mut m).contains(&Action::NeedBootstrap));
+        m.handle_timeout(now + Duration::from_secs(30));
+        assert!(drain(&mut m).contains(&Action::NeedBootstrap));
+        // New candidates reset the back-off.
+        m.add_candidates([(p(9), ep(9))]);
+        assert_eq!(m.bootstrap_backoff, FIRST_BOOTSTRAP_RETRY);
     }
 
     #[test]

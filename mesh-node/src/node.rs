@@ -210,6 +210,18 @@ impl NodeCore {
         self.pump(now);
     }
 
+    /// Records a new tunnel; the peer may send from its own prefix at once.
+    fn add_tunnel(&mut self, now: Instant, peer: PeerId, fixed: bool) -> TunnelId {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        let mut allowed = Fib::new();
+        allowed.insert(peer, ());
+        self.tunnels
+            .insert(peer, Tunnel { id, fixed, counters: TunnelCounters::default(), last_rx: now, allowed });
+        self.by_id.insert(id, peer);
+        id
+    }
+
     /// A tunnel to `peer` is established (both directions work): Babel
     /// starts speaking in it.
     pub fn tunnel_up(&mut self, now: Instant, peer: PeerId) {
@@ -217,15 +229,7 @@ impl NodeCore {
             self.manager.tunnel_up(now, peer);
             return;
         }
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
-        let mut allowed = Fib::new();
-        allowed.insert(peer, ());
-        self.tunnels.insert(
-            peer,
-            Tunnel { id, fixed: false, counters: TunnelCounters::default(), last_rx: now, allowed },
-        );
-        self.by_id.insert(id, peer);
+        let id = self.add_tunnel(now, peer, false);
         let mut ic = InterfaceConfig::new(LinkKind::Tunnel, self.ll);
         ic.hello_interval = self.cfg.hello_interval;
         ic.update_interval = self.cfg.update_interval;
@@ -245,15 +249,7 @@ impl NodeCore {
         if self.tunnels.contains_key(&peer) {
             return;
         }
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
-        let mut allowed = Fib::new();
-        allowed.insert(peer, ());
-        self.tunnels.insert(
-            peer,
-            Tunnel { id, fixed: true, counters: TunnelCounters::default(), last_rx: now, allowed },
-        );
-        self.by_id.insert(id, peer);
+        self.add_tunnel(now, peer, true);
         self.fib.insert(peer, peer);
         self.events.push_back(NodeEvent::Route { prefix: peer, via: Some(peer), metric: 0 });
         // We are the mesh's gateway to it.
@@ -452,17 +448,18 @@ impl NodeCore {
         let mut allowed: HashMap<TunnelId, Fib<()>> = HashMap::new();
         let mut counts: BTreeMap<PeerId, usize> = BTreeMap::new();
         let mut distant = Vec::new();
-        for r in self.router.routes() {
-            let Some(iface) = r.iface else { continue };
-            if r.metric < sixmesh_routing::wire::INFINITY {
-                allowed.entry(iface).or_default().insert(r.prefix, ());
+        // Unsorted and without feasibility checks: `routes()` costs a sort
+        // of every entry, too much every second in large meshes.
+        for (prefix, _src, iface, metric, selected) in self.router.learned_routes() {
+            if metric < sixmesh_routing::wire::INFINITY {
+                allowed.entry(iface).or_default().insert(prefix, ());
             }
-            if r.selected {
+            if selected {
                 if let Some(p) = self.by_id.get(&iface) {
                     *counts.entry(*p).or_default() += 1;
                 }
-                if r.prefix.prefix_len() == self.cfg.prefix.prefix_len() {
-                    distant.push(r.prefix);
+                if prefix.prefix_len() == self.cfg.prefix.prefix_len() {
+                    distant.push(prefix);
                 }
             }
         }

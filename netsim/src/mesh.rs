@@ -1,13 +1,21 @@
 //! Whole mesh nodes on virtual time: the real [`NodeCore`] of every node
 //! (tunnel manager, Babel in every tunnel, user-space forwarding), over an
 //! underlay where every pair of nodes can reach each other with some
-//! latency, unless that path is broken. A tunnel comes up one round trip
-//! after the manager asks for it, if the path works and the other side
-//! accepts; its packets then cross the path (encryption is the driver's
-//! business and is not simulated).
+//! latency, jitter and loss, unless that path is broken. A tunnel comes up
+//! one round trip after the manager asks for it, if the path works and the
+//! other side accepts (a node behind NAT accepts nothing); its packets then
+//! cross the path (encryption is the driver's business and is not
+//! simulated, but its bytes are counted: see [`WIRE_OVERHEAD`]).
+//!
+//! Everything is deterministic: the same seed and the same calls give the
+//! same run. Reachability can be checked two ways that agree: real probe
+//! packets through the forwarding path ([`MeshSim::probe`],
+//! [`MeshSim::unreachable_pairs`]), or, much cheaper at scale, a walk of
+//! the forwarding tables hop by hop ([`MeshSim::walk`]) that also finds
+//! forwarding loops and measures the path's underlay latency.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
@@ -37,6 +45,71 @@ pub fn mesh_address(i: NodeId) -> Ipv6Addr {
     Ipv6Addr::new(p[0], p[1], p[2], p[3], 0, 0, 0, 1)
 }
 
+/// Bytes the underlay carries per tunnel packet on top of the inner packet:
+/// outer IPv6 (40) + UDP (8) + WireGuard data header (16) + AEAD tag (16).
+pub const WIRE_OVERHEAD: u64 = 80;
+/// Size of a WireGuard handshake initiation and response on the underlay
+/// (148 and 92 bytes of WireGuard, plus outer IPv6 and UDP headers).
+pub const HANDSHAKE_BYTES: (u64, u64) = (148 + 48, 92 + 48);
+
+/// One underlay path between two nodes, the same in both directions.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PathParams {
+    /// One-way latency.
+    pub latency: Duration,
+    /// Extra delay drawn uniformly in [0, jitter) for every packet.
+    pub jitter: Duration,
+    /// Probability that a packet is lost.
+    pub loss: f64,
+    /// Whether the path is broken from the start (until healed).
+    pub broken: bool,
+}
+
+impl PathParams {
+    /// A working, lossless path with this latency.
+    pub fn latency(latency: Duration) -> Self {
+        PathParams { latency, jitter: Duration::ZERO, loss: 0.0, broken: false }
+    }
+}
+
+/// How the simulated mesh is built. [`MeshConfig::new`] gives defaults.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    /// Number of nodes (all of them, including those not started yet).
+    pub nodes: usize,
+    /// Tunnel-manager parameters of every node.
+    pub manager: ManagerConfig,
+    /// Babel Hello interval in tunnels (the node's default: 0.5 s).
+    pub hello_interval: Duration,
+    /// Babel full-update interval in tunnels (the node's default: 30 s).
+    pub update_interval: Duration,
+    /// Nodes behind NAT: they accept no incoming tunnel. Empty: none.
+    pub nat: Vec<bool>,
+    /// Nodes that are not running at the start (they join later with
+    /// [`MeshSim::restart`]). Empty: all run.
+    pub initially_down: Vec<bool>,
+    /// Upstream bandwidth of each node's access link in bytes per second
+    /// (packets queue behind each other). Empty or `None`: unlimited.
+    pub uplink: Vec<Option<u64>>,
+}
+
+impl MeshConfig {
+    /// `nodes` nodes with the node's default timers and these manager
+    /// parameters, none behind NAT, all running, unlimited bandwidth.
+    pub fn new(nodes: usize, manager: ManagerConfig) -> Self {
+        let d = NodeConfig::new(node_prefix(0), network(), RouterId([0; 8]), 0);
+        MeshConfig {
+            nodes,
+            manager,
+            hello_interval: d.hello_interval,
+            update_interval: d.update_interval,
+            nat: Vec::new(),
+            initially_down: Vec::new(),
+            uplink: Vec::new(),
+        }
+    }
+}
+
 enum Ev {
     /// An inner packet arrives at `to` from `from`'s tunnel.
     Packet { from: NodeId, to: NodeId, packet: Vec<u8> },
@@ -49,27 +122,74 @@ enum Ev {
 /// Counters of the underlay.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MeshStats {
+    /// Tunnel packets sent (data and control).
     pub packets: u64,
+    /// Their inner bytes.
     pub bytes: u64,
+    /// Packets lost (broken path, random loss, dead node).
     pub lost: u64,
+}
+
+/// Per-node traffic counters, in bytes on the underlay (inner packet plus
+/// [`WIRE_OVERHEAD`]; handshakes count as control).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeTraffic {
+    /// Control bytes sent: Babel and other link-local messages in tunnels,
+    /// and handshakes.
+    pub control_tx_bytes: u64,
+    /// Control bytes received.
+    pub control_rx_bytes: u64,
+    /// Control packets sent.
+    pub control_tx_packets: u64,
+    /// Data bytes sent (forwarded or originated).
+    pub data_tx_bytes: u64,
+}
+
+/// What a walk of the forwarding tables from one node to another found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Walk {
+    /// The destination was reached in `hops` tunnel hops whose underlay
+    /// latencies add up to `latency`.
+    Reached { hops: usize, latency: Duration },
+    /// Node `at` has no route to the destination.
+    NoRoute { at: NodeId },
+    /// Node `at` forwards into a tunnel whose underlay path (or far node)
+    /// is down.
+    PathDown { at: NodeId, next: NodeId },
+    /// The packet would come back to a node it already crossed: the nodes
+    /// of the loop, in order.
+    Loop { path: Vec<NodeId> },
 }
 
 /// The simulation. See the module documentation.
 pub struct MeshSim {
     start: Instant,
     now: Instant,
+    cfg: MeshConfig,
     nodes: Vec<NodeCore>,
     alive: Vec<bool>,
+    /// Last seqno each node persisted (a restart resumes from it).
+    seqnos: Vec<u16>,
     scheduled: Vec<Option<Instant>>,
     timers: BinaryHeap<Reverse<(Instant, NodeId)>>,
-    queue: BinaryHeap<Reverse<(Instant, u64, usize)>>,
-    pending: HashMap<usize, Ev>,
+    /// In-flight events: (arrival in ns since the start, order, slot in
+    /// `pending`). Small integer keys keep the heap cheap at scale.
+    queue: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    /// The events themselves, in reusable slots.
+    pending: Vec<Option<Ev>>,
+    free: Vec<u32>,
     seq: u64,
-    latency: Box<dyn Fn(NodeId, NodeId) -> Duration>,
-    broken: HashSet<(NodeId, NodeId)>,
+    paths: Box<dyn Fn(NodeId, NodeId) -> PathParams>,
+    /// Paths set up or down by hand, overriding [`PathParams::broken`].
+    overrides: HashMap<(NodeId, NodeId), bool>,
+    /// Partition island of each node: paths between islands are down.
+    island: Vec<u32>,
+    busy_until: Vec<Instant>,
     by_prefix: HashMap<Ipv6Net, NodeId>,
+    traffic: Vec<NodeTraffic>,
     /// Probes delivered: (from, to, sent at).
     delivered: Vec<(NodeId, NodeId, Instant)>,
+    /// Counters of the underlay.
     pub stats: MeshStats,
     rng: Rng,
 }
@@ -89,48 +209,75 @@ impl MeshSim {
         latency: impl Fn(NodeId, NodeId) -> Duration + 'static,
         seed: u64,
     ) -> Self {
+        Self::with_config(MeshConfig::new(n, manager), move |a, b| PathParams::latency(latency(a, b)), seed)
+    }
+
+    /// A mesh built as `cfg` says, over an underlay whose path between `a`
+    /// and `b` is `paths(a, b)` (called with `a < b`; it must be a pure
+    /// function of its arguments for the run to be deterministic).
+    pub fn with_config(
+        cfg: MeshConfig,
+        paths: impl Fn(NodeId, NodeId) -> PathParams + 'static,
+        seed: u64,
+    ) -> Self {
+        let n = cfg.nodes;
         let start = Instant::now();
         let mut rng = Rng::new(seed);
-        let mut nodes = Vec::with_capacity(n);
-        let mut by_prefix = HashMap::new();
-        for i in 0..n {
-            let mut id = [0u8; 8];
-            id[0] = 2;
-            id[4..].copy_from_slice(&(i as u32 + 1).to_be_bytes());
-            let mut cfg =
-                NodeConfig::new(node_prefix(i), network(), RouterId(id), (rng.next_u64() & 0xffff) as u16);
-            cfg.manager = manager.clone();
-            cfg.seed = rng.next_u64();
-            let mut core = NodeCore::new(cfg, start);
-            core.manager().add_candidates(
-                (0..n)
-                    .filter(|&j| j != i)
-                    .map(|j| (node_prefix(j), vec![std::net::SocketAddr::from(([192, 0, 2, 1], j as u16))])),
-            );
-            nodes.push(core);
-            by_prefix.insert(node_prefix(i), i);
-        }
+        let seqnos: Vec<u16> = (0..n).map(|_| (rng.next_u64() & 0xffff) as u16).collect();
         let mut sim = MeshSim {
             start,
             now: start,
-            alive: vec![true; n],
+            alive: (0..n).map(|i| !cfg.initially_down.get(i).copied().unwrap_or(false)).collect(),
+            seqnos,
             scheduled: vec![None; n],
-            nodes,
+            nodes: Vec::with_capacity(n),
             timers: BinaryHeap::new(),
             queue: BinaryHeap::new(),
-            pending: HashMap::new(),
+            pending: Vec::new(),
+            free: Vec::new(),
             seq: 0,
-            latency: Box::new(latency),
-            broken: HashSet::new(),
-            by_prefix,
+            paths: Box::new(paths),
+            overrides: HashMap::new(),
+            island: vec![0; n],
+            busy_until: vec![start; n],
+            by_prefix: (0..n).map(|i| (node_prefix(i), i)).collect(),
+            traffic: vec![NodeTraffic::default(); n],
             delivered: Vec::new(),
             stats: MeshStats::default(),
             rng,
+            cfg,
         };
         for i in 0..n {
-            sim.after(i);
+            let core = sim.make_core(i);
+            sim.nodes.push(core);
+        }
+        for i in 0..n {
+            if sim.alive[i] {
+                sim.after(i);
+            }
         }
         sim
+    }
+
+    /// A fresh core for node `i` (its seed depends on the node and on how
+    /// often it started, so that a restarted node chooses anew).
+    fn make_core(&mut self, i: NodeId) -> NodeCore {
+        let n = self.cfg.nodes;
+        let mut id = [0u8; 8];
+        id[0] = 2;
+        id[4..].copy_from_slice(&(i as u32 + 1).to_be_bytes());
+        let mut cfg = NodeConfig::new(node_prefix(i), network(), RouterId(id), self.seqnos[i]);
+        cfg.manager = self.cfg.manager.clone();
+        cfg.hello_interval = self.cfg.hello_interval;
+        cfg.update_interval = self.cfg.update_interval;
+        cfg.seed = self.rng.next_u64();
+        let mut core = NodeCore::new(cfg, self.now);
+        core.manager().add_candidates(
+            (0..n)
+                .filter(|&j| j != i)
+                .map(|j| (node_prefix(j), vec![std::net::SocketAddr::from(([192, 0, 2, 1], j as u16))])),
+        );
+        core
     }
 
     /// Virtual time since the start.
@@ -143,7 +290,7 @@ impl MeshSim {
         &self.nodes[i]
     }
 
-    /// Number of nodes.
+    /// Number of nodes (running or not).
     pub fn len(&self) -> usize {
         self.nodes.len()
     }
@@ -153,18 +300,65 @@ impl MeshSim {
         self.nodes.is_empty()
     }
 
+    /// Whether node `i` is running.
+    pub fn is_alive(&self, i: NodeId) -> bool {
+        self.alive[i]
+    }
+
+    /// Whether node `i` is behind NAT (accepts no incoming tunnel).
+    pub fn is_nat(&self, i: NodeId) -> bool {
+        self.cfg.nat.get(i).copied().unwrap_or(false)
+    }
+
+    /// Node `i`'s traffic counters.
+    pub fn traffic(&self, i: NodeId) -> NodeTraffic {
+        self.traffic[i]
+    }
+
+    /// The underlay path between two nodes, as configured (whatever its
+    /// current up/down state).
+    pub fn path(&self, a: NodeId, b: NodeId) -> PathParams {
+        let (a, b) = pair(a, b);
+        (self.paths)(a, b)
+    }
+
     /// Breaks or heals the underlay path between two nodes.
     pub fn set_path(&mut self, a: NodeId, b: NodeId, up: bool) {
-        if up {
-            self.broken.remove(&pair(a, b));
-        } else {
-            self.broken.insert(pair(a, b));
+        self.overrides.insert(pair(a, b), up);
+    }
+
+    /// Forgets every [`MeshSim::set_path`]: paths are back to their
+    /// configured state.
+    pub fn reset_paths(&mut self) {
+        self.overrides.clear();
+    }
+
+    /// Puts nodes in partition islands: paths between nodes of different
+    /// islands are down. All zeros: no partition.
+    pub fn set_islands(&mut self, island: Vec<u32>) {
+        assert_eq!(island.len(), self.nodes.len(), "one island per node");
+        self.island = island;
+    }
+
+    /// Whether the underlay path between two nodes works, ignoring whether
+    /// the nodes run.
+    pub fn link_up(&self, a: NodeId, b: NodeId) -> bool {
+        if a == b {
+            return true;
+        }
+        if self.island[a] != self.island[b] {
+            return false;
+        }
+        let k = pair(a, b);
+        match self.overrides.get(&k) {
+            Some(up) => *up,
+            None => !(self.paths)(k.0, k.1).broken,
         }
     }
 
-    /// Whether the underlay path between two nodes works.
+    /// Whether the underlay path between two nodes works (and both run).
     pub fn path_up(&self, a: NodeId, b: NodeId) -> bool {
-        self.alive[a] && self.alive[b] && !self.broken.contains(&pair(a, b))
+        self.alive[a] && self.alive[b] && self.link_up(a, b)
     }
 
     /// Breaks each path with probability `p` (seeded).
@@ -174,7 +368,7 @@ impl MeshSim {
         for a in 0..n {
             for b in a + 1..n {
                 if self.rng.next_f64() < p {
-                    self.broken.insert((a, b));
+                    self.overrides.insert((a, b), false);
                     k += 1;
                 }
             }
@@ -182,16 +376,83 @@ impl MeshSim {
         k
     }
 
-    /// Stops or restarts a node (a failed node drops everything).
+    /// Stops or resumes a node. A stopped node drops everything and its
+    /// timers stop; resumed, it carries on with its old state (see
+    /// [`MeshSim::restart`] for a node that starts afresh).
     pub fn set_alive(&mut self, i: NodeId, alive: bool) {
+        let was = self.alive[i];
         self.alive[i] = alive;
+        if alive && !was {
+            self.scheduled[i] = None;
+            self.after(i);
+        }
+    }
+
+    /// Starts node `i` afresh (a reboot, or a node joining): a new core that
+    /// resumes the Babel seqno it last persisted and knows every other node.
+    pub fn restart(&mut self, i: NodeId) {
+        self.nodes[i] = self.make_core(i);
+        self.busy_until[i] = self.now;
+        self.alive[i] = false;
+        self.set_alive(i, true);
+    }
+
+    /// Node `i` leaves the mesh gracefully: it closes its tunnels (the
+    /// peers hear it at once) and stops.
+    pub fn leave(&mut self, i: NodeId) {
+        let now = self.now;
+        let peers: Vec<Ipv6Net> = self.nodes[i].manager().tunnels().map(|(p, _, _)| p).collect();
+        for p in peers {
+            if let Some(&j) = self.by_prefix.get(&p)
+                && self.alive[j]
+                && self.nodes[j].manager().tunnels().any(|(q, _, _)| q == node_prefix(i))
+            {
+                self.nodes[j].tunnel_down(now, node_prefix(i));
+                self.after(j);
+            }
+        }
+        self.alive[i] = false;
     }
 
     fn push(&mut self, at: Instant, ev: Ev) {
         self.seq += 1;
-        let key = self.seq as usize;
-        self.pending.insert(key, ev);
-        self.queue.push(Reverse((at, self.seq, key)));
+        let slot = match self.free.pop() {
+            Some(k) => {
+                self.pending[k as usize] = Some(ev);
+                k
+            }
+            None => {
+                self.pending.push(Some(ev));
+                (self.pending.len() - 1) as u32
+            }
+        };
+        let at = (at - self.start).as_nanos() as u64;
+        self.queue.push(Reverse((at, self.seq, slot)));
+    }
+
+    /// When a packet of `bytes` sent now by `i` to `j` arrives, or `None`
+    /// if the underlay loses it.
+    fn transit(&mut self, i: NodeId, j: NodeId, bytes: u64) -> Option<Instant> {
+        if !self.path_up(i, j) {
+            return None;
+        }
+        let p = self.path(i, j);
+        if p.loss > 0.0 && self.rng.next_f64() < p.loss {
+            return None;
+        }
+        let mut depart = self.now;
+        if let Some(Some(bw)) = self.cfg.uplink.get(i)
+            && *bw > 0
+        {
+            depart = depart.max(self.busy_until[i]) + Duration::from_secs_f64(bytes as f64 / *bw as f64);
+            self.busy_until[i] = depart;
+        }
+        let jitter = if p.jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(self.rng.next_u64() % p.jitter.as_nanos().max(1) as u64)
+        };
+        Some(depart + p.latency + jitter)
     }
 
     /// Moves a node's outputs onto the underlay and keeps its timer.
@@ -202,12 +463,17 @@ impl MeshSim {
                     let Some(&j) = self.by_prefix.get(&peer) else { continue };
                     self.stats.packets += 1;
                     self.stats.bytes += packet.len() as u64;
-                    if !self.path_up(i, j) {
-                        self.stats.lost += 1;
-                        continue;
+                    let wire = packet.len() as u64 + WIRE_OVERHEAD;
+                    if is_control(&packet) {
+                        self.traffic[i].control_tx_bytes += wire;
+                        self.traffic[i].control_tx_packets += 1;
+                    } else {
+                        self.traffic[i].data_tx_bytes += wire;
                     }
-                    let at = self.now + (self.latency)(i, j);
-                    self.push(at, Ev::Packet { from: i, to: j, packet });
+                    match self.transit(i, j, wire) {
+                        Some(at) => self.push(at, Ev::Packet { from: i, to: j, packet }),
+                        None => self.stats.lost += 1,
+                    }
                 }
                 Output::ToTun(packet) => {
                     if let Ok(h) = packet::parse_ipv6(&packet)
@@ -222,13 +488,21 @@ impl MeshSim {
             }
         }
         while let Some(e) = self.nodes[i].poll_event() {
-            if let NodeEvent::Manager(Action::Connect { peer, .. }) = e
-                && let Some(&j) = self.by_prefix.get(&peer)
-                && self.path_up(i, j)
-            {
-                let at = self.now + (self.latency)(i, j);
-                self.push(at, Ev::Handshake { from: i, to: j });
+            match e {
+                NodeEvent::Manager(Action::Connect { peer, .. }) => {
+                    let Some(&j) = self.by_prefix.get(&peer) else { continue };
+                    self.traffic[i].control_tx_bytes += HANDSHAKE_BYTES.0;
+                    self.traffic[i].control_tx_packets += 1;
+                    if let Some(at) = self.transit(i, j, HANDSHAKE_BYTES.0) {
+                        self.push(at, Ev::Handshake { from: i, to: j });
+                    }
+                }
+                NodeEvent::SeqnoChanged(s) => self.seqnos[i] = s,
+                _ => {}
             }
+        }
+        if !self.alive[i] {
+            return;
         }
         let next = self.nodes[i].poll_timeout();
         if Some(next) != self.scheduled[i] {
@@ -242,12 +516,12 @@ impl MeshSim {
         let until = self.now + d;
         loop {
             while let Some(Reverse((t, n))) = self.timers.peek().copied() {
-                if self.scheduled[n] == Some(t) {
+                if self.scheduled[n] == Some(t) && self.alive[n] {
                     break;
                 }
                 self.timers.pop();
             }
-            let next_ev = self.queue.peek().map(|Reverse((t, ..))| *t);
+            let next_ev = self.queue.peek().map(|Reverse((t, ..))| self.start + Duration::from_nanos(*t));
             let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
             let next = match (next_ev, next_timer) {
                 (Some(a), Some(b)) => a.min(b),
@@ -259,17 +533,17 @@ impl MeshSim {
             if next > until {
                 break;
             }
-            self.now = next;
+            self.now = self.now.max(next);
             if next_ev == Some(next) {
-                let Reverse((_, _, key)) = self.queue.pop().expect("event");
-                let ev = self.pending.remove(&key).expect("pending event");
+                let Reverse((_, _, slot)) = self.queue.pop().expect("event");
+                let ev = self.pending[slot as usize].take().expect("pending event");
+                self.free.push(slot);
                 self.deliver(ev);
             } else {
                 let Reverse((_, i)) = self.timers.pop().expect("timer");
                 self.scheduled[i] = None;
-                if self.alive[i] {
-                    self.nodes[i].handle_timeout(next);
-                }
+                let now = self.now;
+                self.nodes[i].handle_timeout(now);
                 self.after(i);
             }
         }
@@ -284,22 +558,32 @@ impl MeshSim {
                     self.stats.lost += 1;
                     return;
                 }
+                if is_control(&packet) {
+                    self.traffic[to].control_rx_bytes += packet.len() as u64 + WIRE_OVERHEAD;
+                }
                 self.nodes[to].from_tunnel(now, node_prefix(from), packet);
                 self.after(to);
             }
             Ev::Handshake { from, to } => {
-                if !self.path_up(from, to) {
+                if !self.path_up(from, to) || self.is_nat(to) {
                     return;
                 }
+                self.traffic[to].control_rx_bytes += HANDSHAKE_BYTES.0;
                 if self.nodes[to].accept_incoming(now, node_prefix(from)) {
                     self.nodes[to].tunnel_up(now, node_prefix(from));
+                    self.traffic[to].control_tx_bytes += HANDSHAKE_BYTES.1;
+                    self.traffic[to].control_tx_packets += 1;
                     self.after(to);
-                    let at = now + (self.latency)(to, from);
-                    self.push(at, Ev::HandshakeDone { from, to });
+                    if let Some(at) = self.transit(to, from, HANDSHAKE_BYTES.1) {
+                        self.push(at, Ev::HandshakeDone { from, to });
+                    }
+                } else {
+                    self.after(to);
                 }
             }
             Ev::HandshakeDone { from, to } => {
                 if self.path_up(from, to) {
+                    self.traffic[from].control_rx_bytes += HANDSHAKE_BYTES.1;
                     self.nodes[from].tunnel_up(now, node_prefix(to));
                     self.after(from);
                 }
@@ -316,8 +600,8 @@ impl MeshSim {
         self.after(a);
     }
 
-    /// Probes every ordered pair, waits `wait`, and returns the pairs whose
-    /// probe did not arrive.
+    /// Probes every ordered pair of running nodes, waits `wait`, and returns
+    /// the pairs whose probe did not arrive.
     pub fn unreachable_pairs(&mut self, wait: Duration) -> Vec<(NodeId, NodeId)> {
         self.delivered.clear();
         let n = self.nodes.len();
@@ -341,14 +625,113 @@ impl MeshSim {
         missing
     }
 
+    /// Follows the forwarding tables from node `a` towards node `b`'s mesh
+    /// address, as a packet would (the same longest-prefix match), checking
+    /// at each hop that the underlay path works. No packet is sent and
+    /// nothing changes.
+    pub fn walk(&self, a: NodeId, b: NodeId) -> Walk {
+        let dst = mesh_address(b);
+        let mut path = vec![a];
+        let mut cur = a;
+        let mut latency = Duration::ZERO;
+        while cur != b {
+            let Some(peer) = self.nodes[cur].route(dst) else { return Walk::NoRoute { at: cur } };
+            let Some(&next) = self.by_prefix.get(&peer) else { return Walk::NoRoute { at: cur } };
+            if !self.path_up(cur, next) {
+                return Walk::PathDown { at: cur, next };
+            }
+            if let Some(k) = path.iter().position(|&x| x == next) {
+                return Walk::Loop { path: path[k..].to_vec() };
+            }
+            latency += self.path(cur, next).latency;
+            path.push(next);
+            cur = next;
+            if path.len() > 64 {
+                // The hop limit would drop it: count it as a loop.
+                return Walk::Loop { path };
+            }
+        }
+        Walk::Reached { hops: path.len() - 1, latency }
+    }
+
+    /// The connected components of the underlay among running nodes (a
+    /// component id per node; `u32::MAX` for nodes that do not run). Two
+    /// nodes in the same component can reach each other, possibly through
+    /// others, whatever the tunnels.
+    pub fn underlay_components(&self) -> Vec<u32> {
+        let n = self.nodes.len();
+        let mut comp = vec![u32::MAX; n];
+        let mut unvisited: Vec<NodeId> = (0..n).filter(|&i| self.alive[i]).collect();
+        let mut next_id = 0;
+        while let Some(root) = unvisited.pop() {
+            comp[root] = next_id;
+            let mut queue = VecDeque::from([root]);
+            while let Some(u) = queue.pop_front() {
+                let mut rest = Vec::with_capacity(unvisited.len());
+                for v in unvisited.drain(..) {
+                    if self.link_up(u, v) {
+                        comp[v] = next_id;
+                        queue.push_back(v);
+                    } else {
+                        rest.push(v);
+                    }
+                }
+                unvisited = rest;
+            }
+            next_id += 1;
+        }
+        comp
+    }
+
+    /// The lowest underlay latency from `a` to every node, over working
+    /// paths and through any running nodes (`None`: unreachable). Costs
+    /// O(n²) calls of the path function.
+    pub fn underlay_distances(&self, a: NodeId) -> Vec<Option<Duration>> {
+        let n = self.nodes.len();
+        let mut dist: Vec<Option<Duration>> = vec![None; n];
+        let mut done = vec![false; n];
+        dist[a] = Some(Duration::ZERO);
+        loop {
+            let mut best: Option<(Duration, NodeId)> = None;
+            for v in 0..n {
+                if !done[v]
+                    && let Some(d) = dist[v]
+                    && best.is_none_or(|(bd, _)| d < bd)
+                {
+                    best = Some((d, v));
+                }
+            }
+            let Some((d, u)) = best else { break };
+            done[u] = true;
+            if !self.alive[u] {
+                continue;
+            }
+            for v in 0..n {
+                if done[v] || !self.alive[v] || !self.link_up(u, v) {
+                    continue;
+                }
+                let nd = d + self.path(u, v).latency;
+                if dist[v].is_none_or(|old| nd < old) {
+                    dist[v] = Some(nd);
+                }
+            }
+        }
+        dist
+    }
+
     /// Tunnels that are up at both ends, as (a, b) with a < b.
     pub fn tunnel_graph(&mut self) -> Vec<(NodeId, NodeId)> {
         let mut edges = HashSet::new();
         for i in 0..self.nodes.len() {
+            if !self.alive[i] {
+                continue;
+            }
             let peers: Vec<Ipv6Net> =
                 self.nodes[i].manager().tunnels().filter(|(_, _, up)| *up).map(|(p, _, _)| p).collect();
             for p in peers {
-                if let Some(&j) = self.by_prefix.get(&p) {
+                if let Some(&j) = self.by_prefix.get(&p)
+                    && self.alive[j]
+                {
                     edges.insert(pair(i, j));
                 }
             }
@@ -359,5 +742,25 @@ impl MeshSim {
     }
 }
 
+/// Whether an inner packet is control traffic: link-local or multicast
+/// destination (Babel, gossip), as opposed to data between mesh addresses.
+fn is_control(p: &[u8]) -> bool {
+    p.len() >= 40 && (p[24] == 0xff || (p[24] == 0xfe && p[25] & 0xc0 == 0x80))
+}
+
 /// UDP port of the simulator's reachability probes.
 pub const PROBE_PORT: u16 = 7;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_packets_are_told_from_data() {
+        let babel =
+            packet::build_udp("fe80::1".parse().unwrap(), "ff02::1:6".parse().unwrap(), 6696, 1, b"x");
+        let data = packet::build_udp(mesh_address(1), mesh_address(2), 7, 64, b"x");
+        assert!(is_control(&babel));
+        assert!(!is_control(&data));
+    }
+}

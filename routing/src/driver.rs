@@ -441,22 +441,27 @@ fn handle_request(
 }
 
 fn bind_control(path: &Path) -> Result<UnixListener, DriverError> {
-    let err = |source| DriverError::Control { path: path.to_owned(), source };
+    bind_control_socket(path).map_err(|source| DriverError::Control { path: path.to_owned(), source })
+}
+
+/// Binds a daemon's control socket (mode 0600, parent directories made). A
+/// socket file that nobody answers on is a crash's leftover and is
+/// replaced; one that answers means another daemon runs: an error.
+pub fn bind_control_socket(path: &Path) -> std::io::Result<UnixListener> {
     if path.exists() {
-        // A socket nobody answers on is left over from a crash.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(std::io::Error::new(
+            return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
-                "another router answers on it; stop it or pick another --control path",
-            )));
+                "another daemon answers on it; stop it or pick another control socket path",
+            ));
         }
-        std::fs::remove_file(path).map_err(err)?;
+        std::fs::remove_file(path)?;
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::create_dir_all(dir)?;
     }
-    let l = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
 }
 

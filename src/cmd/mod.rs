@@ -1,8 +1,11 @@
 //! Binary-side implementations of subcommands.
 
 pub mod bench;
+pub mod bridge;
+pub mod demo;
 pub mod node;
 pub mod registry;
+pub mod sim;
 
 use anyhow::{Context, Result};
 

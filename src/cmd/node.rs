@@ -267,7 +267,14 @@ fn run_daemon(a: RunArgs) -> Result<ExitCode> {
         static_peers: file.peers,
         known_peers: Vec::new(),
     };
-    super::runtime()?.block_on(daemon::run(cfg, super::shutdown_signal()))?;
+    // One thread: the data path is one loop, and a single-threaded runtime
+    // drives its sockets itself instead of waking it from another thread
+    // for every packet.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(daemon::run(cfg, super::shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
 }
 

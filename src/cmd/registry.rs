@@ -80,7 +80,7 @@ pub enum RegistryCommand {
         #[arg(long)]
         legacy_listen: Option<SocketAddr>,
         /// Extra DNS name or IP address for the server certificate (repeatable);
-        /// localhost, 127.0.0.1, ::1 and the host name are always included
+        /// localhost, 127.0.0.1, ::1, the host name and this machine's addresses are always included
         #[arg(long = "name")]
         names: Vec<String>,
     },

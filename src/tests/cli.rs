@@ -41,7 +41,8 @@ fn version_prints_the_package_version() {
 }
 
 /// Subcommands that are implemented (the others say "not implemented yet").
-const FILLED: &[&str] = &["registry", "join", "node", "status", "peers", "routes", "bench"];
+const FILLED: &[&str] =
+    &["registry", "join", "node", "status", "peers", "routes", "sim", "bench", "demo", "bridge"];
 
 #[test]
 fn unfilled_subcommands_exit_2_and_say_so() {
@@ -74,9 +75,9 @@ fn bad_rust_log_is_reported_not_ignored() {
 
 #[test]
 fn log_format_json_is_accepted() {
-    let out = sixmesh(&["--log-format", "json", "sim"]);
-    assert_eq!(out.status.code(), Some(2));
-    let out = sixmesh(&["--log-format", "yaml", "sim"]);
+    let out = sixmesh(&["--log-format", "json", "sim", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let out = sixmesh(&["--log-format", "yaml", "status"]);
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8(out.stderr).unwrap().contains("yaml"));
 }
@@ -97,4 +98,48 @@ fn registry_and_join_have_their_subcommands_and_say_what_is_missing() {
     let out = sixmesh(&["registry", "list", "--state-dir", dir.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8(out.stderr).unwrap().contains("sixmesh registry init"), "says what to do next");
+}
+
+#[test]
+fn sim_writes_reports_and_fails_on_a_broken_assertion() {
+    let dir = std::env::temp_dir().join(format!("sixmesh-cli-sim-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let scenario = dir.join("s.toml");
+    std::fs::write(
+        &scenario,
+        "duration_s = 15\n[nodes]\ncount = 6\n[manager]\nclient_count = 2\n\
+         [[event]]\nat_s = 8\ndo = \"cut_tunnel\"\n\
+         [assert]\nreachable_within_s = 5\nmax_mean_hops = 0.1\n",
+    )
+    .unwrap();
+    let (json, html) = (dir.join("r.json"), dir.join("r.html"));
+    let out = sixmesh(&[
+        "sim",
+        scenario.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "--html",
+        html.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(3), "an assertion cannot hold:\n{stdout}");
+    assert!(stdout.contains("FAIL max_mean_hops") && stdout.contains("ok   reachable_within_s"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["passed"], false);
+    assert_eq!(report["nodes"], 6);
+    assert_eq!(report["events"].as_array().unwrap().len(), 2, "the start and the cut");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.starts_with("<!doctype html>") && page.matches("<svg").count() >= 3);
+    // The same run with a seed override and no failing assertion passes.
+    std::fs::write(&scenario, "duration_s = 15\n[nodes]\ncount = 6\n[assert]\nno_loops = true\n").unwrap();
+    let out = sixmesh(&["sim", scenario.to_str().unwrap(), "--seed", "9"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8(out.stdout).unwrap().contains("seed 9"));
+    // A misspelt key is an error that names it and its line.
+    std::fs::write(&scenario, "duration_s = 15\n[nodes]\ncuont = 6\n").unwrap();
+    let out = sixmesh(&["sim", scenario.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("cuont") && err.contains("line 3"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

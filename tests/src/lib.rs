@@ -3,17 +3,53 @@
 //! The tests themselves live in `tests/tests/`; this library is their
 //! support code:
 //!
-//! - [`netns`]: network namespaces and veth pairs that clean up after
-//!   themselves, and [`netns::require_root_netns`], the gate that skips a
+//! - [`netns`], [`tunlink`], [`mesh`]: the namespace harness of
+//!   `sixmesh_netsim::ns` (namespaces and veth pairs that clean up after
+//!   themselves, TUN links with user-space delay, a whole network with a
+//!   registry), plus [`netns::require_root_netns`], the gate that skips a
 //!   namespace test on a developer laptop but fails it under `CI=true`;
 //! - [`sixmesh_bin`]: where the `sixmesh` binary under test is.
 //!
 //! **Dependencies:** it may use every crate of the workspace; nothing
 //! depends on it.
 
-pub mod mesh;
-pub mod netns;
-pub mod tunlink;
+pub use sixmesh_netsim::ns::{mesh, tunlink};
+
+/// Network namespaces (from `sixmesh_netsim::ns::netns`) and the gate that
+/// skips a namespace test on a laptop but fails it under `CI=true`.
+pub mod netns {
+    pub use sixmesh_netsim::ns::netns::*;
+    use std::process::Command;
+
+    /// Whether this process may create network namespaces. When it may not, the
+    /// test is skipped with a printed reason — except under `CI=true`, where the
+    /// test fails instead: namespace tests must run in CI.
+    ///
+    /// ```no_run
+    /// if !sixmesh_tests::netns::require_root_netns() {
+    ///     return;
+    /// }
+    /// ```
+    pub fn require_root_netns() -> bool {
+        let reason = if !nix::unistd::geteuid().is_root() {
+            Some("not running as root".to_string())
+        } else if let Err(e) = Command::new("ip").arg("-V").output() {
+            Some(format!("`ip` (iproute2) cannot run: {e}"))
+        } else {
+            None
+        };
+        let Some(reason) = reason else { return true };
+        let test = std::thread::current().name().unwrap_or("<test>").to_string();
+        if crate::in_ci() {
+            panic!(
+                "{test}: needs network namespaces, and CI=true forbids skipping it: {reason}. \
+                 Run the tests as root with iproute2 installed (./scripts/test does both)."
+            );
+        }
+        eprintln!("SKIPPED {test}: needs network namespaces: {reason} (run as root to include it)");
+        false
+    }
+}
 
 use std::path::PathBuf;
 

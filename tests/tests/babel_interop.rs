@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use sixmesh_tests::mesh::wait_until;
 use sixmesh_tests::netns::{Netns, require_root_netns, veth};
 use sixmesh_tests::sixmesh_bin;
 use sixmesh_tests::tunlink::TunLink;
@@ -18,20 +19,6 @@ fn tempdir(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// Polls `f` every 50 ms until it is true; returns how long that took.
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return Some(start.elapsed());
-        }
-        if start.elapsed() > timeout {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// `proto babel` routes of a namespace that point somewhere (babeld also

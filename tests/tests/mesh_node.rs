@@ -39,7 +39,7 @@ fn six_nodes_mesh_reroute_revoke_and_rejoin_from_cache() {
     if !require_root_netns() {
         return;
     }
-    let mut mesh = Mesh::new("six", 6);
+    let mut mesh = Mesh::new(&sixmesh_tests::sixmesh_bin(), "six", 6);
     let start = Instant::now();
     for k in 0..6 {
         mesh.start_node(k, "");
@@ -65,7 +65,7 @@ fn six_nodes_mesh_reroute_revoke_and_rejoin_from_cache() {
     let regdir = mesh.dir.join("registry");
     let out = mesh
         .reg
-        .command(sixmesh_tests::sixmesh_bin())
+        .command(&mesh.bin)
         .args(["registry", "revoke", &mesh.nodes[5].prefix, "--state-dir", regdir.to_str().unwrap()])
         .output()
         .unwrap();
@@ -110,7 +110,7 @@ fn wireguard_go_peer_talks_to_the_mesh() {
     if !require_root_netns() {
         return;
     }
-    let mut mesh = Mesh::new("wg", 2);
+    let mut mesh = Mesh::new(&sixmesh_tests::sixmesh_bin(), "wg", 2);
     // The WireGuard peer's host, on the same "internet".
     let wg = mesh.add_host(9, "wg");
     let wg_prefix = "fd5e:77:0:ffff::/64";
@@ -219,7 +219,7 @@ fn garbage_on_the_tunnel_port_is_counted_and_harmless() {
     if !require_root_netns() {
         return;
     }
-    let mut mesh = Mesh::new("garbage", 2);
+    let mut mesh = Mesh::new(&sixmesh_tests::sixmesh_bin(), "garbage", 2);
     mesh.start_node(0, "metrics = \"[::1]:9185\"");
     mesh.start_node(1, "");
     assert!(
@@ -311,7 +311,7 @@ fn with_the_registry_down_a_node_finds_peers_through_the_mesh() {
     if !require_root_netns() {
         return;
     }
-    let mut mesh = Mesh::new("gossip", 4);
+    let mut mesh = Mesh::new(&sixmesh_tests::sixmesh_bin(), "gossip", 4);
     for k in 0..3 {
         mesh.start_node(k, "");
     }

@@ -8,17 +8,19 @@
 //! ([`Router::poll_event`]). Every method takes `now`; the same inputs give
 //! the same outputs.
 
+mod fxhash;
 mod tables;
 #[cfg(test)]
 mod tests;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv6Net};
 
+pub use self::fxhash::{FxBuildHasher, FxHasher, FxMap};
 use self::tables::{Installed, Neighbour, RouteEntry, Slot, Source};
 pub use self::tables::{NeighbourInfo, RouteInfo, seqno_newer};
 use crate::wire::{self, INFINITY, Message, PacketBuilder, RequestTarget, RouterId};
@@ -216,16 +218,16 @@ pub struct Router {
     epoch: Instant,
     rng: u64,
     ifaces: BTreeMap<IfaceId, Iface>,
-    neighbours: HashMap<u32, Neighbour>,
-    by_addr: HashMap<(IfaceId, Ipv6Addr), u32>,
+    neighbours: FxMap<u32, Neighbour>,
+    by_addr: FxMap<(IfaceId, Ipv6Addr), u32>,
     next_nbr: u32,
-    routes: HashMap<RouteKey, Slot>,
-    route_ids: HashMap<RouteKey, u32>,
-    route_keys: HashMap<u32, RouteKey>,
+    routes: FxMap<RouteKey, Slot>,
+    route_ids: FxMap<RouteKey, u32>,
+    route_keys: FxMap<u32, RouteKey>,
     xroutes: BTreeSet<RouteKey>,
-    sources: HashMap<(RouteKey, RouterId), Source>,
-    pending: HashMap<u32, Pending>,
-    urgent: HashMap<u32, u8>,
+    sources: FxMap<(RouteKey, RouterId), Source>,
+    pending: FxMap<u32, Pending>,
+    urgent: FxMap<u32, u8>,
     triggered: BTreeSet<RouteKey>,
     out: BTreeMap<(IfaceId, Destination), Vec<Message>>,
     timers: BinaryHeap<Reverse<(Instant, u64, Timer)>>,
@@ -245,16 +247,16 @@ impl Router {
             epoch: now,
             rng: u64::from_be_bytes(id.0) | 1,
             ifaces: BTreeMap::new(),
-            neighbours: HashMap::new(),
-            by_addr: HashMap::new(),
+            neighbours: FxMap::default(),
+            by_addr: FxMap::default(),
             next_nbr: 0,
-            routes: HashMap::new(),
-            route_ids: HashMap::new(),
-            route_keys: HashMap::new(),
+            routes: FxMap::default(),
+            route_ids: FxMap::default(),
+            route_keys: FxMap::default(),
             xroutes: BTreeSet::new(),
-            sources: HashMap::new(),
-            pending: HashMap::new(),
-            urgent: HashMap::new(),
+            sources: FxMap::default(),
+            pending: FxMap::default(),
+            urgent: FxMap::default(),
             triggered: BTreeSet::new(),
             out: BTreeMap::new(),
             timers: BinaryHeap::new(),
@@ -461,6 +463,20 @@ impl Router {
             (a.prefix, a.src, !a.selected, a.metric).cmp(&(b.prefix, b.src, !b.selected, b.metric))
         });
         v
+    }
+
+    /// Every route learned from a neighbour, in no particular order and
+    /// without the feasibility check of [`Router::routes`]: (prefix, source
+    /// prefix, interface, metric, selected). Cheap enough to call every
+    /// second on large tables.
+    pub fn learned_routes(
+        &self,
+    ) -> impl Iterator<Item = (Ipv6Net, Option<Ipv6Net>, IfaceId, u16, bool)> + '_ {
+        self.routes.iter().flat_map(move |(key, slot)| {
+            slot.entries.iter().enumerate().map(move |(i, e)| {
+                (key.0, key.1, self.neighbours[&e.nbr].iface, e.metric, slot.selected == Some(i))
+            })
+        })
     }
 
     /// How many destinations have a selected route (not counting ours).

@@ -1,4 +1,4 @@
-//! Linux network namespaces for tests: create them, link them with veth
+//! Linux network namespaces: create them, link them with veth
 //! pairs, run commands and closures inside them, and tear everything down on
 //! drop — also when the test panics.
 //!
@@ -44,35 +44,6 @@ pub enum NetnsError {
 
 /// Result type of this module.
 pub type Result<T, E = NetnsError> = std::result::Result<T, E>;
-
-/// Whether this process may create network namespaces. When it may not, the
-/// test is skipped with a printed reason — except under `CI=true`, where the
-/// test fails instead: namespace tests must run in CI.
-///
-/// ```no_run
-/// if !sixmesh_tests::netns::require_root_netns() {
-///     return;
-/// }
-/// ```
-pub fn require_root_netns() -> bool {
-    let reason = if !nix::unistd::geteuid().is_root() {
-        Some("not running as root".to_string())
-    } else if let Err(e) = Command::new("ip").arg("-V").output() {
-        Some(format!("`ip` (iproute2) cannot run: {e}"))
-    } else {
-        None
-    };
-    let Some(reason) = reason else { return true };
-    let test = std::thread::current().name().unwrap_or("<test>").to_string();
-    if crate::in_ci() {
-        panic!(
-            "{test}: needs network namespaces, and CI=true forbids skipping it: {reason}. \
-             Run the tests as root with iproute2 installed (./scripts/test does both)."
-        );
-    }
-    eprintln!("SKIPPED {test}: needs network namespaces: {reason} (run as root to include it)");
-    false
-}
 
 /// A network namespace that is deleted, with every process still in it, when
 /// dropped.

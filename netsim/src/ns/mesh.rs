@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::netns::{Netns, veth};
-use crate::sixmesh_bin;
+use super::netns::{Netns, veth};
 
 /// Underlay address of host `i` (the registry is 1, nodes start at 2).
 pub fn underlay(i: usize) -> String {
@@ -50,9 +49,9 @@ impl Drop for Proc {
     }
 }
 
-/// Runs `sixmesh ARGS` in `ns` and returns stdout, panicking with stderr on failure.
-pub fn sixmesh(ns: &Netns, args: &[&str]) -> String {
-    let out = ns.command(sixmesh_bin()).args(args).output().expect("run sixmesh");
+/// Runs `BIN ARGS` (the `sixmesh` binary) in `ns` and returns stdout, panicking with stderr on failure.
+pub fn sixmesh(bin: &Path, ns: &Netns, args: &[&str]) -> String {
+    let out = ns.command(bin).args(args).output().expect("run sixmesh");
     assert!(
         out.status.success(),
         "sixmesh {args:?} failed: {}\n{}",
@@ -62,11 +61,11 @@ pub fn sixmesh(ns: &Netns, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Spawns `sixmesh ARGS` in `ns` with its stderr in `log`.
-pub fn spawn(ns: &Netns, args: &[&str], log: &Path) -> Proc {
+/// Spawns `BIN ARGS` (the `sixmesh` binary) in `ns` with its stderr in `log`.
+pub fn spawn(bin: &Path, ns: &Netns, args: &[&str], log: &Path) -> Proc {
     let f = std::fs::File::create(log).expect("log file");
     let child = ns
-        .command(sixmesh_bin())
+        .command(bin)
         .args(args)
         .env("RUST_LOG", "info,sixmesh_mesh_node=debug")
         .stdout(Stdio::null())
@@ -114,6 +113,8 @@ pub struct Node {
 
 /// The network.
 pub struct Mesh {
+    /// The `sixmesh` binary everything runs.
+    pub bin: PathBuf,
     pub dir: PathBuf,
     pub inet: Netns,
     pub reg: Netns,
@@ -125,7 +126,7 @@ pub struct Mesh {
 impl Mesh {
     /// Builds the namespaces, starts a registry and enrolls `n` nodes (not
     /// started yet: see [`Mesh::start_node`]).
-    pub fn new(tag: &str, n: usize) -> Mesh {
+    pub fn new(bin: &Path, tag: &str, n: usize) -> Mesh {
         let dir = std::env::temp_dir().join(format!("sixmesh-mesh-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -136,12 +137,14 @@ impl Mesh {
         let reg = host(1, "reg");
         let regdir = dir.join("registry");
         let out = sixmesh(
+            bin,
             &reg,
             &["registry", "init", "--state-dir", regdir.to_str().unwrap(), "--network", "fd5e:77::/48"],
         );
         let fingerprint =
             out.split_whitespace().find(|w| w.starts_with("sha256:")).expect("fingerprint").to_string();
         let registry = spawn(
+            bin,
             &reg,
             &[
                 "registry",
@@ -171,7 +174,7 @@ impl Mesh {
             let i = k + 2;
             let ns = host(i, &format!("n{k}"));
             let token_out =
-                sixmesh(&reg, &["registry", "token", "add", "--state-dir", regdir.to_str().unwrap()]);
+                sixmesh(bin, &reg, &["registry", "token", "add", "--state-dir", regdir.to_str().unwrap()]);
             let token = token_out
                 .split_whitespace()
                 .find(|w| {
@@ -181,6 +184,7 @@ impl Mesh {
                 .to_string();
             let ndir = dir.join(format!("n{k}"));
             let joined = sixmesh(
+                bin,
                 &ns,
                 &[
                     "join",
@@ -209,7 +213,7 @@ impl Mesh {
                 proc: None,
             });
         }
-        Mesh { dir, inet, reg, registry: Some(registry), fingerprint, nodes }
+        Mesh { bin: bin.to_owned(), dir, inet, reg, registry: Some(registry), fingerprint, nodes }
     }
 
     /// Starts node `k`'s daemon, with `extra` lines of node.toml.
@@ -219,6 +223,7 @@ impl Mesh {
         std::fs::write(&cfg, format!("hello_interval_ms = 500\nconfig_refresh_secs = 5\n{extra}\n")).unwrap();
         let endpoint = format!("[{}]:51820", underlay(node.index));
         let proc = spawn(
+            &self.bin,
             &node.ns,
             &[
                 "node",
@@ -267,7 +272,7 @@ impl Mesh {
     pub fn peers(&self, k: usize) -> serde_json::Value {
         let out = self.nodes[k]
             .ns
-            .command(sixmesh_bin())
+            .command(&self.bin)
             .args(["peers", "--json", "--control", self.nodes[k].control.to_str().unwrap()])
             .output()
             .unwrap();
@@ -298,7 +303,7 @@ impl Mesh {
     pub fn status(&self, k: usize) -> serde_json::Value {
         let out = self.nodes[k]
             .ns
-            .command(sixmesh_bin())
+            .command(&self.bin)
             .args(["status", "--json", "--control", self.nodes[k].control.to_str().unwrap()])
             .output()
             .unwrap();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use nix::libc;
 
-use crate::netns::{Netns, NetnsError};
+use super::netns::{Netns, NetnsError};
 
 /// Creates a TUN device named `name` in the calling thread's namespace.
 fn create_tun(name: &str) -> std::io::Result<OwnedFd> {

@@ -1,0 +1,682 @@
+//! The stunnel-like TLS bridge (`sixmesh bridge run`): many tunnels in one
+//! daemon, each either
+//! - `client`: listens in plain TCP (e.g. `127.0.0.1:3306` for an
+//!   IPv4-only program) and connects with TLS to a remote `[ipv6]:port`;
+//! - `server`: listens with TLS (e.g. on a mesh address) and connects in
+//!   plain TCP to a local service.
+//!
+//! Mutual TLS (rustls, TLS 1.3 and 1.2) with the node's registry
+//! certificate or any PEM certificate, key and CA; the CRL is enforced;
+//! each tunnel says which peers it allows. Certificates, keys, CA and CRL
+//! are reloaded on SIGHUP and when their files change, without touching
+//! established connections.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// What went wrong setting the bridge up.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    #[error("bridge config: {0}")]
+    Config(String),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("tunnel {tunnel}: cannot listen on {addr}: {source}")]
+    Listen {
+        tunnel: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `bridge.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Certificate material (default: the node's, from `/var/lib/sixmesh`).
+    #[serde(default)]
+    pub tls: TlsFiles,
+    /// A connection with no traffic either way for this long is closed.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u64,
+    /// Most connections open at once, per tunnel.
+    #[serde(default = "default_max")]
+    pub max_connections: usize,
+    #[serde(rename = "tunnel")]
+    pub tunnels: Vec<TunnelConfig>,
+}
+
+fn default_idle() -> u64 {
+    3600
+}
+fn default_max() -> usize {
+    1024
+}
+
+/// PEM files, or a node state directory (`node.pem`, `node.key`, `ca.pem`,
+/// `crl.pem` written by `sixmesh join`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub state_dir: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub crl: Option<PathBuf>,
+}
+
+/// A tunnel's direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Plain in, TLS out.
+    Client,
+    /// TLS in, plain out.
+    Server,
+}
+
+/// One tunnel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    pub name: String,
+    pub mode: Mode,
+    pub listen: SocketAddr,
+    pub connect: SocketAddr,
+    /// Which peers may connect (server) or be connected to (client):
+    /// `"any"` (any certificate of the CA), `"prefix:fd00:1::/64"` (its
+    /// SAN IP or CN prefix lies inside), `"cn:NAME"`, `"san:NAME"` (a DNS or
+    /// URI SAN). Empty: any.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Client mode: the name the server's certificate must carry (default:
+    /// the IP address of `connect`).
+    pub server_name: Option<String>,
+}
+
+/// A peer-allow rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allow {
+    Any,
+    Prefix(IpNet),
+    Cn(String),
+    San(String),
+}
+
+impl std::str::FromStr for Allow {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            _ if s == "any" => Ok(Allow::Any),
+            Some(("prefix", p)) => p.parse().map(Allow::Prefix).map_err(|e| format!("{s:?}: {e}")),
+            Some(("cn", n)) => Ok(Allow::Cn(n.to_string())),
+            Some(("san", n)) => Ok(Allow::San(n.to_string())),
+            _ => Err(format!("{s:?}: use any, prefix:P, cn:NAME or san:NAME")),
+        }
+    }
+}
+
+/// What a peer certificate says about its holder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub cn: String,
+    pub ips: Vec<IpAddr>,
+    pub names: Vec<String>,
+    pub serial: String,
+}
+
+impl PeerIdentity {
+    /// Reads the identity out of a DER certificate.
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        use x509_parser::prelude::*;
+        let (_, c) = X509Certificate::from_der(der).ok()?;
+        let cn = c
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|a| a.as_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let mut id = PeerIdentity { cn, serial: c.raw_serial_as_string(), ..Default::default() };
+        if let Ok(Some(san)) = c.subject_alternative_name() {
+            for n in &san.value.general_names {
+                match n {
+                    GeneralName::IPAddress(b) => match b.len() {
+                        4 => id.ips.push(IpAddr::from(<[u8; 4]>::try_from(*b).ok()?)),
+                        16 => id.ips.push(IpAddr::from(<[u8; 16]>::try_from(*b).ok()?)),
+                        _ => {}
+                    },
+                    GeneralName::DNSName(d) => id.names.push(d.to_string()),
+                    GeneralName::URI(u) => id.names.push(u.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        Some(id)
+    }
+
+    /// Whether any rule lets this peer through (no rule: yes).
+    pub fn allowed_by(&self, rules: &[Allow]) -> bool {
+        if rules.is_empty() {
+            return true;
+        }
+        rules.iter().any(|r| match r {
+            Allow::Any => true,
+            Allow::Cn(n) => &self.cn == n,
+            Allow::San(n) => self.names.iter().any(|x| x == n),
+            Allow::Prefix(p) => {
+                self.ips.iter().any(|ip| p.contains(ip))
+                    || self
+                        .cn
+                        .parse::<IpNet>()
+                        .is_ok_and(|c| p.contains(&c.network()) && c.prefix_len() >= p.prefix_len())
+            }
+        })
+    }
+}
+
+/// Certificates loaded from disk, rebuilt on reload.
+struct Material {
+    acceptor: TlsAcceptor,
+    connector: TlsConnector,
+    stamp: Vec<Option<SystemTime>>,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl TlsFiles {
+    /// The four paths in effect (CRL optional).
+    pub fn resolve(&self) -> Result<(PathBuf, PathBuf, PathBuf, Option<PathBuf>), BridgeError> {
+        let dir = self.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/sixmesh"));
+        let pick = |p: &Option<PathBuf>, name: &str| p.clone().unwrap_or_else(|| dir.join(name));
+        let crl = self.crl.clone().or_else(|| Some(dir.join("crl.pem")).filter(|p| p.exists()));
+        Ok((pick(&self.cert, "node.pem"), pick(&self.key, "node.key"), pick(&self.ca, "ca.pem"), crl))
+    }
+
+    fn stamps(&self) -> Vec<Option<SystemTime>> {
+        let Ok((c, k, a, r)) = self.resolve() else { return vec![] };
+        [Some(c), Some(k), Some(a), r]
+            .into_iter()
+            .map(|p| p.and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()))
+            .collect()
+    }
+
+    fn load(&self) -> Result<Material, BridgeError> {
+        let (cert, key, ca, crl) = self.resolve()?;
+        let file_err = |p: &Path, e: &dyn std::fmt::Display| BridgeError::File {
+            path: p.to_owned(),
+            msg: e.to_string(),
+        };
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+            .map_err(|e| file_err(&cert, &e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| file_err(&cert, &e))?;
+        if chain.is_empty() {
+            return Err(file_err(&cert, &"no certificate in it"));
+        }
+        let key = PrivateKeyDer::from_pem_file(&key).map_err(|e| file_err(&key, &e))?;
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&ca).map_err(|e| file_err(&ca, &e))? {
+            roots.add(c.map_err(|e| file_err(&ca, &e))?).map_err(|e| file_err(&ca, &e))?;
+        }
+        if roots.is_empty() {
+            return Err(file_err(&ca, &"no CA certificate in it"));
+        }
+        let roots = Arc::new(roots);
+        let crls: Vec<CertificateRevocationListDer<'static>> = match &crl {
+            Some(p) => CertificateRevocationListDer::pem_file_iter(p)
+                .map_err(|e| file_err(p, &e))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| file_err(p, &e))?,
+            None => Vec::new(),
+        };
+        let tls = |e: &dyn std::fmt::Display| BridgeError::Tls(e.to_string());
+        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .with_crls(crls.clone())
+            .allow_unknown_revocation_status()
+            .build()
+            .map_err(|e| tls(&e))?;
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls(&e))?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| tls(&e))?;
+        let server_verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .with_crls(crls)
+            .allow_unknown_revocation_status()
+            .build()
+            .map_err(|e| tls(&e))?;
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls(&e))?
+            .with_webpki_verifier(server_verifier)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| tls(&e))?;
+        Ok(Material {
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            connector: TlsConnector::from(Arc::new(client)),
+            stamp: self.stamps(),
+        })
+    }
+}
+
+/// A metric: name, Prometheus type, help text, and how to read it.
+type Series = (&'static str, &'static str, &'static str, fn(&Counters) -> u64);
+
+/// Per-tunnel counters.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub accepted: AtomicU64,
+    pub refused: AtomicU64,
+    pub active: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+/// A running bridge.
+pub struct Bridge {
+    cfg: BridgeConfig,
+    material: RwLock<Arc<Material>>,
+    /// Counters by tunnel name.
+    pub counters: Vec<(String, Arc<Counters>)>,
+}
+
+impl Bridge {
+    /// Checks the configuration and loads the certificates.
+    pub fn new(cfg: BridgeConfig) -> Result<Arc<Self>, BridgeError> {
+        if cfg.tunnels.is_empty() {
+            return Err(BridgeError::Config("no [[tunnel]]: nothing to do".into()));
+        }
+        for t in &cfg.tunnels {
+            for a in &t.allow {
+                a.parse::<Allow>()
+                    .map_err(|e| BridgeError::Config(format!("tunnel {}: allow {e}", t.name)))?;
+            }
+        }
+        let material = cfg.tls.load()?;
+        let counters = cfg.tunnels.iter().map(|t| (t.name.clone(), Arc::new(Counters::default()))).collect();
+        Ok(Arc::new(Bridge { material: RwLock::new(Arc::new(material)), counters, cfg }))
+    }
+
+    fn current(&self) -> Arc<Material> {
+        self.material.read().expect("not poisoned").clone()
+    }
+
+    /// Reloads certificates, key, CA and CRL. Open connections keep the
+    /// material they started with; on error the old material stays.
+    pub fn reload(&self) -> Result<(), BridgeError> {
+        let m = self.cfg.tls.load()?;
+        *self.material.write().expect("not poisoned") = Arc::new(m);
+        tracing::info!("bridge certificates reloaded");
+        Ok(())
+    }
+
+    /// Reloads if any of the files changed since the last load.
+    pub fn reload_if_changed(&self) {
+        if self.cfg.tls.stamps() != self.current().stamp
+            && let Err(e) = self.reload()
+        {
+            tracing::warn!("certificate files changed but cannot be loaded (keeping the old ones): {e}");
+        }
+    }
+
+    /// Per-tunnel counters as JSON (for `sixmesh bridge status`).
+    pub fn status_json(&self) -> String {
+        let tunnels: Vec<String> = self
+            .counters
+            .iter()
+            .zip(&self.cfg.tunnels)
+            .map(|((name, c), t)| {
+                format!(
+                    "{{\"name\":{name:?},\"mode\":\"{}\",\"listen\":\"{}\",\"connect\":\"{}\",\"accepted\":{},\"refused\":{},\"active\":{},\"bytes_in\":{},\"bytes_out\":{}}}",
+                    if t.mode == Mode::Client { "client" } else { "server" },
+                    t.listen,
+                    t.connect,
+                    c.accepted.load(Ordering::Relaxed),
+                    c.refused.load(Ordering::Relaxed),
+                    c.active.load(Ordering::Relaxed),
+                    c.bytes_in.load(Ordering::Relaxed),
+                    c.bytes_out.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        format!("{{\"tunnels\":[{}]}}", tunnels.join(","))
+    }
+
+    /// Per-tunnel counters in Prometheus's text format.
+    pub fn metrics(&self) -> String {
+        let mut m = String::new();
+        let series: [Series; 5] = [
+            ("connections_total", "counter", "Connections accepted.", |c| c.accepted.load(Ordering::Relaxed)),
+            ("refused_total", "counter", "Connections refused (the log says why).", |c| {
+                c.refused.load(Ordering::Relaxed)
+            }),
+            ("active_connections", "gauge", "Connections open now.", |c| c.active.load(Ordering::Relaxed)),
+            ("received_bytes_total", "counter", "Bytes from the listening side.", |c| {
+                c.bytes_in.load(Ordering::Relaxed)
+            }),
+            ("sent_bytes_total", "counter", "Bytes to the listening side.", |c| {
+                c.bytes_out.load(Ordering::Relaxed)
+            }),
+        ];
+        for (name, kind, help, get) in series {
+            m.push_str(&format!(
+                "# HELP sixmesh_bridge_{name} {help}\n# TYPE sixmesh_bridge_{name} {kind}\n"
+            ));
+            for (tunnel, c) in &self.counters {
+                m.push_str(&format!("sixmesh_bridge_{name}{{tunnel={tunnel:?}}} {}\n", get(c)));
+            }
+        }
+        m
+    }
+
+    /// Serves `status` on a Unix control socket (one JSON line per request line).
+    pub async fn serve_control(self: Arc<Self>, listener: tokio::net::UnixListener) {
+        use tokio::io::AsyncBufReadExt;
+        while let Ok((stream, _)) = listener.accept().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut lines = tokio::io::BufReader::new(r).lines();
+                while let Ok(Some(_req)) = lines.next_line().await {
+                    if w.write_all(format!("{}\n", me.status_json()).as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Serves the Prometheus metrics over HTTP (any path).
+    pub async fn serve_metrics(self: Arc<Self>, listener: TcpListener) {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let body = me.metrics();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(resp.as_bytes()).await;
+            });
+        }
+    }
+
+    /// Binds every tunnel's listener and serves until the future ends.
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), BridgeError> {
+        let mut listeners = Vec::new();
+        for (i, t) in self.cfg.tunnels.iter().enumerate() {
+            let l = TcpListener::bind(t.listen).await.map_err(|source| BridgeError::Listen {
+                tunnel: t.name.clone(),
+                addr: t.listen,
+                source,
+            })?;
+            tracing::info!(tunnel = %t.name, mode = ?t.mode, listen = %t.listen, connect = %t.connect, "tunnel ready");
+            listeners.push((i, l));
+        }
+        for (i, l) in listeners {
+            tokio::spawn(self.clone().accept_loop(i, l));
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                        if let Err(e) = me.reload() {
+                            tracing::warn!("SIGHUP: cannot reload (keeping the old certificates): {e}");
+                        }
+                    }
+                    _ = tick.tick() => me.reload_if_changed(),
+                }
+            }
+        });
+        shutdown.await;
+        Ok(())
+    }
+
+    async fn accept_loop(self: Arc<Self>, i: usize, l: TcpListener) {
+        let limit = Arc::new(Semaphore::new(self.cfg.max_connections.max(1)));
+        loop {
+            let Ok((stream, from)) = l.accept().await else { continue };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                self.counters[i].1.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(tunnel = %self.cfg.tunnels[i].name, %from, "refused: too many connections");
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let t = &me.cfg.tunnels[i];
+                let c = me.counters[i].1.clone();
+                match me.handle(i, stream, from).await {
+                    Ok(()) => {}
+                    Err(reason) => {
+                        c.refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(tunnel = %t.name, %from, "refused: {reason}");
+                    }
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, i: usize, plain_or_tls: TcpStream, from: SocketAddr) -> Result<(), String> {
+        let t = &self.cfg.tunnels[i];
+        let rules: Vec<Allow> = t.allow.iter().filter_map(|a| a.parse().ok()).collect();
+        let counters = &self.counters[i].1;
+        let m = self.current();
+        let handshake = Duration::from_secs(10);
+        let idle = Duration::from_secs(self.cfg.idle_timeout_secs.max(1));
+        let _ = plain_or_tls.set_nodelay(true);
+        match t.mode {
+            Mode::Server => {
+                let tls = tokio::time::timeout(handshake, m.acceptor.accept(plain_or_tls))
+                    .await
+                    .map_err(|_| "TLS handshake timed out".to_string())?
+                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                let der = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .ok_or("no client certificate")?;
+                let id = PeerIdentity::from_der(der).ok_or("unreadable client certificate")?;
+                if !id.allowed_by(&rules) {
+                    return Err(format!(
+                        "client {} (serial {}) is not allowed on this tunnel",
+                        id.cn, id.serial
+                    ));
+                }
+                let backend = TcpStream::connect(t.connect)
+                    .await
+                    .map_err(|e| format!("cannot reach {}: {e}", t.connect))?;
+                let _ = backend.set_nodelay(true);
+                tracing::debug!(tunnel = %t.name, %from, cn = %id.cn, "connection accepted");
+                counters.accepted.fetch_add(1, Ordering::Relaxed);
+                pipe(tls, backend, idle, counters).await;
+            }
+            Mode::Client => {
+                let remote = TcpStream::connect(t.connect)
+                    .await
+                    .map_err(|e| format!("cannot reach {}: {e}", t.connect))?;
+                let _ = remote.set_nodelay(true);
+                let name = match &t.server_name {
+                    Some(n) => {
+                        ServerName::try_from(n.clone()).map_err(|e| format!("server_name {n:?}: {e}"))?
+                    }
+                    None => ServerName::IpAddress(t.connect.ip().into()),
+                };
+                let tls = tokio::time::timeout(handshake, m.connector.connect(name, remote))
+                    .await
+                    .map_err(|_| "TLS handshake timed out".to_string())?
+                    .map_err(|e| format!("TLS handshake with {}: {e}", t.connect))?;
+                let der = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .ok_or("no server certificate")?;
+                let id = PeerIdentity::from_der(der).ok_or("unreadable server certificate")?;
+                if !id.allowed_by(&rules) {
+                    return Err(format!(
+                        "server {} (serial {}) is not allowed on this tunnel",
+                        id.cn, id.serial
+                    ));
+                }
+                counters.accepted.fetch_add(1, Ordering::Relaxed);
+                pipe(plain_or_tls, tls, idle, counters).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copies both ways until both sides are done, propagating half-closes
+/// (EOF on one side shuts down writing on the other), closing everything
+/// after `idle` without traffic either way.
+async fn pipe<A, B>(a: A, b: B, idle: Duration, counters: &Counters)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    counters.active.fetch_add(1, Ordering::Relaxed);
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let last = std::sync::Mutex::new(tokio::time::Instant::now());
+    let touch = || *last.lock().expect("not poisoned") = tokio::time::Instant::now();
+    let a_to_b = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match ar.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = bw.shutdown().await;
+                    return;
+                }
+                Ok(n) => {
+                    touch();
+                    counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    if bw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let b_to_a = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match br.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = aw.shutdown().await;
+                    return;
+                }
+                Ok(n) => {
+                    touch();
+                    counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    if aw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let watchdog = async {
+        loop {
+            let due = *last.lock().expect("not poisoned") + idle;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    };
+    tokio::select! {
+        _ = async { tokio::join!(a_to_b, b_to_a) } => {}
+        _ = watchdog => tracing::debug!("connection idle: closed"),
+    }
+    counters.active.fetch_sub(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_rules_parse_and_match() {
+        let id = PeerIdentity {
+            cn: "fd5e:77:0:3::/64".into(),
+            ips: vec!["fd5e:77:0:3::1".parse().unwrap()],
+            names: vec!["sixmesh:wg:abc".into(), "db.example".into()],
+            serial: "01".into(),
+        };
+        let r = |s: &str| s.parse::<Allow>().unwrap();
+        assert!(id.allowed_by(&[]));
+        assert!(id.allowed_by(&[r("any")]));
+        assert!(id.allowed_by(&[r("prefix:fd5e:77::/48")]));
+        assert!(id.allowed_by(&[r("prefix:fd5e:77:0:3::/64")]));
+        assert!(!id.allowed_by(&[r("prefix:fd5e:77:0:4::/64")]));
+        assert!(id.allowed_by(&[r("cn:fd5e:77:0:3::/64")]));
+        assert!(!id.allowed_by(&[r("cn:other")]));
+        assert!(id.allowed_by(&[r("san:db.example")]));
+        assert!(!id.allowed_by(&[r("san:other.example"), r("cn:x")]));
+        assert!("prefix:nonsense".parse::<Allow>().is_err());
+        assert!("whatever".parse::<Allow>().is_err());
+    }
+
+    #[test]
+    fn config_parses_and_reports_bad_keys() {
+        let ok: BridgeConfig = toml::from_str(
+            r#"
+            [tls]
+            state_dir = "/var/lib/sixmesh"
+            [[tunnel]]
+            name = "db"
+            mode = "server"
+            listen = "[::]:3307"
+            connect = "127.0.0.1:3306"
+            allow = ["prefix:fd5e::/16"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(ok.tunnels[0].mode, Mode::Server);
+        assert_eq!(ok.idle_timeout_secs, 3600);
+        let bad = toml::from_str::<BridgeConfig>(
+            "[[tunnel]]\nname='x'\nmode='sideways'\nlisten='[::]:1'\nconnect='[::1]:2'\n",
+        );
+        assert!(bad.unwrap_err().to_string().contains("sideways"));
+        let bad = toml::from_str::<BridgeConfig>("colour = 1\ntunnel = []\n");
+        assert!(bad.unwrap_err().to_string().contains("colour"));
+    }
+}

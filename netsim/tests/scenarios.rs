@@ -1,0 +1,134 @@
+//! Every scenario shipped in `netsim/scenarios/` runs (scaled down to fit
+//! CI) and its assertions hold; the runner is deterministic; assertions can
+//! fail; NAT and the forwarding walk behave as documented.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sixmesh_netsim::mesh::Walk;
+use sixmesh_netsim::run::{build, run};
+use sixmesh_netsim::scenario::Scenario;
+
+fn shipped(name: &str) -> Scenario {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios").join(name);
+    Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs a shipped scenario at CI size and checks its own assertions.
+fn run_shipped(name: &str, max_nodes: usize, max_duration_s: f64, min_events: usize) {
+    let s = shipped(name).scaled(max_nodes, max_duration_s);
+    let r = run(&s, |_| {});
+    let failed: Vec<String> =
+        r.assertions.iter().filter(|a| !a.passed).map(|a| format!("{}: {}", a.name, a.detail)).collect();
+    assert!(r.passed, "{name} at {} nodes: {failed:?}", r.nodes);
+    assert!(!r.assertions.is_empty(), "{name} has no assertion");
+    assert!(r.events.len() > min_events, "{name}: only {} events ran", r.events.len() - 1);
+    assert!(r.loops.count == 0, "{name}: {:?}", r.loops.examples);
+}
+
+#[test]
+fn shipped_scenarios_parse_and_all_have_assertions() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".toml"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["churn.toml", "europe-china.toml", "partition-heal.toml", "thousand.toml"]);
+    for n in names {
+        let s = shipped(&n);
+        let a = &s.assertions;
+        assert!(a.reachable_within_s.is_some() && a.no_loops, "{n} must assert reachability and no loops");
+        assert!(!s.event.is_empty(), "{n} has no event");
+    }
+}
+
+#[test]
+fn europe_china_scenario_holds() {
+    run_shipped("europe-china.toml", 24, 100.0, 2);
+}
+
+#[test]
+fn partition_heal_scenario_holds() {
+    run_shipped("partition-heal.toml", 16, 240.0, 4);
+}
+
+#[test]
+fn churn_scenario_holds() {
+    run_shipped("churn.toml", 20, 140.0, 6);
+}
+
+#[test]
+fn thousand_scenario_holds_scaled_down() {
+    run_shipped("thousand.toml", 30, 130.0, 1);
+}
+
+const SMALL: &str = r#"
+name = "small"
+duration_s = 40
+[nodes]
+count = 10
+nat_fraction = 0.3
+[manager]
+client_count = 3
+max_clients = 6
+[[event]]
+at_s = 25
+do = "cut_tunnel"
+[assert]
+reachable_within_s = 5
+no_loops = true
+max_mean_hops = 0.5
+"#;
+
+#[test]
+fn same_seed_same_report_and_a_failing_assertion_fails_the_run() {
+    let s = Scenario::parse(SMALL, "small").unwrap();
+    let a = serde_json::to_string(&run(&s, |_| {})).unwrap();
+    let b = serde_json::to_string(&run(&s, |_| {})).unwrap();
+    assert_eq!(a, b, "same seed, same report");
+    let r: serde_json::Value = serde_json::from_str(&a).unwrap();
+    assert_eq!(r["passed"], false, "max_mean_hops = 0.5 cannot hold");
+    let hops = r["assertions"].as_array().unwrap().iter().find(|x| x["name"] == "max_mean_hops").unwrap();
+    assert_eq!(hops["passed"], false);
+    let reach =
+        r["assertions"].as_array().unwrap().iter().find(|x| x["name"] == "reachable_within_s").unwrap();
+    assert_eq!(reach["passed"], true, "{reach}");
+    let mut s2 = s.clone();
+    s2.seed = 99;
+    assert_ne!(serde_json::to_string(&run(&s2, |_| {})).unwrap(), a, "another seed, another run");
+}
+
+#[test]
+fn nat_nodes_get_no_incoming_tunnels_and_walks_agree_with_probes() {
+    let s = Scenario::parse(SMALL, "small").unwrap();
+    let (mut sim, _, _) = build(&s);
+    sim.run_for(Duration::from_secs(20));
+    let nat: Vec<usize> = (0..sim.len()).filter(|&i| sim.is_nat(i)).collect();
+    assert_eq!(nat.len(), 3);
+    let edges = sim.tunnel_graph();
+    for &i in &nat {
+        let mine = edges.iter().filter(|(a, b)| *a == i || *b == i).count();
+        assert!(mine >= 1, "NAT node {i} has no tunnel at all");
+        assert!(mine <= 3, "NAT node {i} has {mine} tunnels: it accepted incoming ones");
+    }
+    for &(a, b) in &edges {
+        assert!(!(sim.is_nat(a) && sim.is_nat(b)), "two NAT nodes cannot tunnel to each other: {a}-{b}");
+    }
+    // The walk of the forwarding tables and real probe packets agree.
+    let walked: Vec<(usize, usize)> = (0..sim.len())
+        .flat_map(|a| (0..sim.len()).map(move |b| (a, b)))
+        .filter(|&(a, b)| a != b && !matches!(sim.walk(a, b), Walk::Reached { .. }))
+        .collect();
+    assert!(walked.is_empty(), "{walked:?}");
+    assert!(sim.unreachable_pairs(Duration::from_secs(1)).is_empty());
+    // Cut every path of node 0: walks to it stop, and probes too.
+    for j in 1..sim.len() {
+        sim.set_path(0, j, false);
+    }
+    assert!(matches!(sim.walk(1, 0), Walk::PathDown { .. } | Walk::NoRoute { .. }));
+    let missing = sim.unreachable_pairs(Duration::from_millis(500));
+    assert!(missing.contains(&(1, 0)) && missing.contains(&(0, 1)));
+    assert_eq!(sim.underlay_components().iter().filter(|&&c| c == sim.underlay_components()[0]).count(), 1);
+}

@@ -1,0 +1,166 @@
+//! `sixmesh sim SCENARIO.toml`: runs a scenario on the in-process simulator
+//! (`sixmesh_netsim`), prints a summary, writes the JSON and HTML reports,
+//! and exits with status 3 when an assertion fails (CI gates on it).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use sixmesh_netsim::run::Report;
+use sixmesh_netsim::scenario::Scenario;
+
+/// Exit status when the run completed but an assertion failed.
+pub const EXIT_ASSERTION_FAILED: u8 = 3;
+
+/// Simulates a whole mesh — the real tunnel manager, Babel and forwarding of
+/// every node — on virtual time, from a scenario file (format:
+/// docs/netsim.md; examples: netsim/scenarios/).
+#[derive(Debug, Args)]
+#[command(after_help = "Exit status: 0 when every assertion holds, 3 when one fails, 1 on an error \
+(e.g. a bad scenario file), 2 on a usage error.\n\
+Example: sixmesh sim netsim/scenarios/europe-china.toml --html report.html")]
+pub struct SimArgs {
+    /// The scenario file (TOML).
+    scenario: PathBuf,
+    /// Write the JSON report here.
+    #[arg(long, value_name = "OUT")]
+    json: Option<PathBuf>,
+    /// Write the HTML report (self-contained, with SVG plots) here.
+    #[arg(long, value_name = "OUT")]
+    html: Option<PathBuf>,
+    /// Override the scenario's seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override the scenario's `[nodes] count` (joining nodes scale alike).
+    #[arg(long, value_name = "N")]
+    nodes: Option<usize>,
+    /// Override the scenario's duration, in virtual seconds (events too late to be judged are dropped).
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<f64>,
+}
+
+/// Runs `sixmesh sim`.
+pub fn run_sim(args: SimArgs) -> Result<ExitCode> {
+    let mut s = Scenario::load(&args.scenario)?;
+    if let Some(seed) = args.seed {
+        s.seed = seed;
+    }
+    if let Some(n) = args.nodes {
+        anyhow::ensure!(n >= 2, "--nodes must be at least 2");
+        let joining = (s.nodes.joining * n).checked_div(s.nodes.count).unwrap_or(0);
+        s.nodes.count = n;
+        s.nodes.joining = joining;
+    }
+    if let Some(d) = args.duration {
+        anyhow::ensure!(d.is_finite() && d > 0.0, "--duration must be a positive number of seconds");
+        // Shorter: drop the events that could not be judged any more.
+        s = s.scaled(usize::MAX, d);
+        s.duration_s = d;
+    }
+    let bar = if std::io::stderr().is_terminal() {
+        let b = ProgressBar::new((s.duration_s * 10.0).ceil() as u64);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} virtual {msg} [{bar:40}] {percent}% elapsed {elapsed}, eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let started = Instant::now();
+    let go = || {
+        sixmesh_netsim::run::run(&s, |t| {
+            bar.set_position((t * 10.0) as u64);
+            bar.set_message(format!("{t:.0}/{:.0} s", s.duration_s));
+        })
+    };
+    // The simulated nodes log like real ones; only show that when asked.
+    let mut report = if std::env::var_os("RUST_LOG").is_some() {
+        go()
+    } else {
+        tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), go)
+    };
+    bar.finish_and_clear();
+    report.wall_s = Some(started.elapsed().as_secs_f64());
+    print!("{}", summary(&report));
+    if let Some(p) = &args.json {
+        let text = serde_json::to_string_pretty(&report).context("cannot serialize the report")?;
+        std::fs::write(p, text + "\n")
+            .with_context(|| format!("cannot write the JSON report to {}", p.display()))?;
+        println!("JSON report: {}", p.display());
+    }
+    if let Some(p) = &args.html {
+        std::fs::write(p, sixmesh_netsim::report::html(&report))
+            .with_context(|| format!("cannot write the HTML report to {}", p.display()))?;
+        println!("HTML report: {}", p.display());
+    }
+    Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::from(EXIT_ASSERTION_FAILED) })
+}
+
+/// The text printed after a run.
+fn summary(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let name = if r.scenario.is_empty() { "scenario" } else { r.scenario.as_str() };
+    let _ = writeln!(
+        o,
+        "{name}: {} nodes, {} virtual s, seed {}{}",
+        r.nodes,
+        r.duration_s,
+        r.seed,
+        r.wall_s.map_or(String::new(), |w| format!(", {w:.1} s wall"))
+    );
+    let g = &r.tunnel_graph;
+    let _ = writeln!(
+        o,
+        "  tunnels: {} (mean degree {:.1}), tunnel-graph mean hops {:.2} (max {})",
+        g.tunnels, g.mean_degree, g.mean_hops, g.max_hops
+    );
+    let _ = writeln!(
+        o,
+        "  control traffic sent per node: mean {:.0} B/s, p99 {:.0}, max {:.0} ({})",
+        r.control.mean_bytes_per_s, r.control.p99_bytes_per_s, r.control.max_bytes_per_s, r.control.max_node
+    );
+    if let Some(st) = &r.stretch {
+        let _ = writeln!(
+            o,
+            "  path stretch: mean {:.2}, p90 {:.2}, max {:.2} ({} pairs)",
+            st.mean, st.p90, st.max, st.count
+        );
+    }
+    if let Some(last) = r.reachability.last() {
+        let _ = writeln!(
+            o,
+            "  reachable at the end: {}/{} checked pairs; forwarding loops seen: {}",
+            last.reachable, last.eligible, r.loops.count
+        );
+    }
+    let _ = writeln!(o, "  events:");
+    for e in &r.events {
+        let conv = e.convergence_s.map_or("never".to_string(), |c| format!("{c:.2} s"));
+        let mut detail = e.detail.clone();
+        if detail.len() > 60 {
+            let cut = (0..=57).rev().find(|&k| detail.is_char_boundary(k)).unwrap_or(0);
+            detail.truncate(cut);
+            detail.push('…');
+        }
+        let _ =
+            writeln!(o, "    {:>8.1} s  {:<14} {:<62} all reachable after {conv}", e.at_s, e.what, detail);
+    }
+    let _ = writeln!(o, "  assertions:");
+    if r.assertions.is_empty() {
+        let _ = writeln!(o, "    (none)");
+    }
+    for a in &r.assertions {
+        let _ = writeln!(o, "    {} {}: {}", if a.passed { "ok  " } else { "FAIL" }, a.name, a.detail);
+    }
+    let _ = writeln!(o, "{}", if r.passed { "PASSED" } else { "FAILED: an assertion does not hold" });
+    o
+}

@@ -1,0 +1,319 @@
+//! The TLS bridge against real stunnel4, both directions, carrying a line
+//! echo end to end; and the refusals (plain TCP, unknown CA, revoked
+//! certificate), each with a logged reason. Loopback only: no root needed.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sixmesh_tests::sixmesh_bin;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn sh(dir: &Path, script: &str) {
+    let out = Command::new("sh").arg("-ec").arg(script).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "{script}\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA, two certificates signed by it (ours, theirs: IP ::1, server and
+/// client use), one revoked (its CRL), and a certificate of another CA.
+fn pki(dir: &Path) {
+    sh(
+        dir,
+        r#"
+        openssl ecparam -name prime256v1 -genkey -noout -out ca.key
+        openssl req -x509 -new -key ca.key -sha256 -days 2 -subj "/CN=test-ca" -out ca.pem
+        printf 'subjectAltName=IP:::1,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' > ext
+        for n in ours theirs revoked; do
+          openssl ecparam -name prime256v1 -genkey -noout -out $n.key
+          openssl req -new -key $n.key -subj "/CN=$n" -out $n.csr
+          openssl x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -sha256 -extfile ext -out $n.pem
+        done
+        # CRL revoking "revoked"
+        mkdir -p db && : > db/index.txt && echo 01 > db/crlnumber
+        printf '[ca]\ndefault_ca=c\n[c]\ndatabase=db/index.txt\ncrlnumber=db/crlnumber\ndefault_md=sha256\ndefault_crl_days=2\n' > ca.cnf
+        openssl ca -config ca.cnf -keyfile ca.key -cert ca.pem -revoke revoked.pem 2>/dev/null
+        openssl ca -config ca.cnf -keyfile ca.key -cert ca.pem -gencrl -out crl.pem 2>/dev/null
+        # an expired certificate of the right CA
+        mkdir -p newcerts
+        printf '[ca]\ndefault_ca=c\n[c]\ndatabase=db/index.txt\nnew_certs_dir=newcerts\nserial=db/serial\ndefault_md=sha256\npolicy=p\ncopy_extensions=copy\n[p]\ncommonName=supplied\n' > old.cnf
+        echo 1000 > db/serial
+        openssl ecparam -name prime256v1 -genkey -noout -out expired.key
+        openssl req -new -key expired.key -subj "/CN=expired" -out expired.csr
+        openssl ca -batch -config old.cnf -keyfile ca.key -cert ca.pem -in expired.csr -out expired.pem \
+            -startdate 20200101000000Z -enddate 20200102000000Z -extfile ext 2>/dev/null
+        # another CA
+        openssl ecparam -name prime256v1 -genkey -noout -out other-ca.key
+        openssl req -x509 -new -key other-ca.key -sha256 -days 2 -subj "/CN=other-ca" -out other-ca.pem
+        openssl ecparam -name prime256v1 -genkey -noout -out stranger.key
+        openssl req -new -key stranger.key -subj "/CN=stranger" -out stranger.csr
+        openssl x509 -req -in stranger.csr -CA other-ca.pem -CAkey other-ca.key -CAcreateserial -days 2 -sha256 -extfile ext -out stranger.pem
+        "#,
+    );
+}
+
+/// A line-echo server on loopback; returns its port.
+fn echo_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                for line in BufReader::new(s).lines().map_while(Result::ok) {
+                    if writeln!(w, "{line}").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Sends a line to 127.0.0.1:port and returns the echoed line, retrying
+/// for 5 s while the daemons start.
+fn ask(port: u16, line: &str) -> std::io::Result<String> {
+    let start = Instant::now();
+    let once = || -> std::io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        writeln!(s, "{line}")?;
+        let mut out = String::new();
+        BufReader::new(s).read_line(&mut out)?;
+        if out.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(out.trim_end().to_string())
+    };
+    loop {
+        match once() {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() > Duration::from_secs(5) => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn stunnel(dir: &Path, name: &str, conf: &str) -> Killed {
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(
+        &path,
+        format!("foreground = yes\npid =\ndebug = warning\noutput = {}/{name}.log\n{conf}", dir.display()),
+    )
+    .unwrap();
+    Killed(
+        Command::new("stunnel")
+            .arg(&path)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("stunnel (apt-get install stunnel4)"),
+    )
+}
+
+fn openssl_client(dir: &Path, port: u16, cert: &str, key: &str) -> bool {
+    // Succeeds only if the server lets the handshake and a round trip through.
+    // -quiet keeps s_client open after stdin ends (it implies -ign_eof): a
+    // 3 s timeout ends it once the echo had time to come back.
+    let mut c = Command::new("timeout")
+        .args([
+            "3",
+            "openssl",
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("[::1]:{port}"),
+            "-CAfile",
+            "ca.pem",
+        ])
+        .args(["-cert", cert, "-key", key])
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _ = writeln!(c.stdin.take().unwrap(), "ping");
+    let out = c.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("ping")
+}
+
+#[test]
+fn bridge_and_stunnel_interoperate_both_ways_and_refuse_what_they_should() {
+    let dir: PathBuf = std::env::temp_dir().join(format!("sixmesh-bridge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    pki(&dir);
+    let echo = echo_server();
+    let (st_server, our_client, our_server, st_client) = (free_port(), free_port(), free_port(), free_port());
+    let (prefix_only, metrics_port) = (free_port(), free_port());
+
+    let _sts = stunnel(
+        &dir,
+        "server",
+        &format!(
+            "[in]\naccept = ::1:{st_server}\nconnect = 127.0.0.1:{echo}\ncert = theirs.pem\nkey = theirs.key\n\
+             CAfile = ca.pem\nverifyChain = yes\nrequireCert = yes\n"
+        ),
+    );
+    let _stc = stunnel(
+        &dir,
+        "client",
+        &format!(
+            "[out]\nclient = yes\naccept = 127.0.0.1:{st_client}\nconnect = ::1:{our_server}\ncert = theirs.pem\n\
+             key = theirs.key\nCAfile = ca.pem\nverifyChain = yes\ncheckIP = ::1\n"
+        ),
+    );
+    let d = dir.display();
+    std::fs::write(
+        dir.join("bridge.toml"),
+        format!(
+            "[tls]\ncert = \"{d}/ours.pem\"\nkey = \"{d}/ours.key\"\nca = \"{d}/ca.pem\"\ncrl = \"{d}/crl.pem\"\n\n\
+             [[tunnel]]\nname = \"to-stunnel\"\nmode = \"client\"\nlisten = \"127.0.0.1:{our_client}\"\n\
+             connect = \"[::1]:{st_server}\"\nallow = [\"cn:theirs\"]\n\n\
+             [[tunnel]]\nname = \"from-stunnel\"\nmode = \"server\"\nlisten = \"[::1]:{our_server}\"\n\
+             connect = \"127.0.0.1:{echo}\"\nallow = [\"cn:theirs\", \"cn:revoked\", \"cn:expired\"]\n\n\
+             [[tunnel]]\nname = \"mesh-only\"\nmode = \"server\"\nlisten = \"[::1]:{prefix_only}\"\n\
+             connect = \"127.0.0.1:{echo}\"\nallow = [\"prefix:fd00::/8\"]\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.join("bridge.log");
+    let _bridge = Killed(
+        Command::new(sixmesh_bin())
+            .args(["bridge", "run", "--config", dir.join("bridge.toml").to_str().unwrap()])
+            .args([
+                "--control",
+                dir.join("bridge.sock").to_str().unwrap(),
+                "--metrics",
+                &format!("127.0.0.1:{metrics_port}"),
+            ])
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+
+    // Our client -> stunnel server -> echo.
+    assert_eq!(
+        ask(our_client, "hello through sixmesh then stunnel").unwrap(),
+        "hello through sixmesh then stunnel"
+    );
+    // stunnel client -> our server -> echo.
+    assert_eq!(
+        ask(st_client, "hello through stunnel then sixmesh").unwrap(),
+        "hello through stunnel then sixmesh"
+    );
+
+    // Refusals, each logged with its reason.
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut plain = TcpStream::connect(("::1", our_server)).unwrap();
+    writeln!(plain, "plain text").unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut junk = String::new();
+    let _ = BufReader::new(plain).read_line(&mut junk);
+    assert!(!junk.contains("plain text"), "a plain-TCP client got through");
+    assert!(
+        !openssl_client(&dir, our_server, "stranger.pem", "stranger.key"),
+        "a certificate of another CA got through"
+    );
+    assert!(
+        !openssl_client(&dir, our_server, "revoked.pem", "revoked.key"),
+        "a revoked certificate got through"
+    );
+    assert!(
+        !openssl_client(&dir, our_server, "expired.pem", "expired.key"),
+        "an expired certificate got through"
+    );
+    assert!(openssl_client(&dir, our_server, "theirs.pem", "theirs.key"), "a good certificate was refused");
+    assert!(
+        !openssl_client(&dir, our_server, "ours.pem", "ours.key"),
+        "a certificate the tunnel does not allow got through"
+    );
+    assert!(
+        !openssl_client(&dir, prefix_only, "theirs.pem", "theirs.key"),
+        "a certificate outside the allowed prefix got through"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let text = log_text();
+    let refusals = text.lines().filter(|l| l.contains("refused:")).count();
+    assert!(refusals >= 6, "expected 6 logged refusals:\n{text}");
+    // Counters: on the control socket and in the Prometheus metrics.
+    let status = Command::new(sixmesh_bin())
+        .args(["bridge", "status", "--json", "--control", dir.join("bridge.sock").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("bridge status JSON");
+    let from =
+        status["tunnels"].as_array().unwrap().iter().find(|t| t["name"] == "from-stunnel").unwrap().clone();
+    assert!(from["accepted"].as_u64().unwrap() >= 2 && from["refused"].as_u64().unwrap() >= 5, "{status}");
+    assert!(from["bytes_in"].as_u64().unwrap() > 0, "{status}");
+    let mut m = TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+    m.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut metrics = String::new();
+    std::io::Read::read_to_string(&mut m, &mut metrics).unwrap();
+    assert!(metrics.contains("sixmesh_bridge_refused_total{tunnel=\"mesh-only\"} 1"), "{metrics}");
+    assert!(text.contains("Expired") || text.contains("expired"), "{text}");
+    assert!(text.contains("not allowed on this tunnel"), "{text}");
+    assert!(text.contains("Revoked") || text.contains("revoked"), "{text}");
+
+    // Hot reload: rotate our certificate while a connection is open. The
+    // open connection survives; new connections see the new certificate.
+    let mut open = TcpStream::connect(("127.0.0.1", st_client)).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = BufReader::new(open.try_clone().unwrap());
+    let mut roundtrip = |msg: &str| {
+        writeln!(open, "{msg}").unwrap();
+        let mut l = String::new();
+        reader.read_line(&mut l).unwrap();
+        l.trim_end().to_string()
+    };
+    assert_eq!(roundtrip("before rotation"), "before rotation");
+    let serial = |d: &Path| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "timeout 3 openssl s_client -connect '[::1]:{our_server}' -CAfile ca.pem -cert theirs.pem -key theirs.key \
+                 </dev/null 2>/dev/null | openssl x509 -noout -serial"
+            ))
+            .current_dir(d)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let before = serial(&dir);
+    sh(
+        &dir,
+        "openssl ecparam -name prime256v1 -genkey -noout -out new.key
+         openssl req -new -key new.key -subj /CN=ours -out new.csr
+         openssl x509 -req -in new.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -sha256 -extfile ext -out new.pem
+         cp new.key ours.key.tmp && mv ours.key.tmp ours.key && cp new.pem ours.pem.tmp && mv ours.pem.tmp ours.pem",
+    );
+    let start = Instant::now();
+    let mut after = serial(&dir);
+    while after == before && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(300));
+        after = serial(&dir);
+    }
+    assert!(
+        !before.is_empty() && after != before,
+        "new connections still see the old certificate ({before})"
+    );
+    assert_eq!(roundtrip("after rotation"), "after rotation", "the open connection did not survive");
+    assert!(log_text().contains("reloaded"), "{}", log_text());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
