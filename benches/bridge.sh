@@ -17,7 +17,7 @@ cargo build --release --quiet
 B=$PWD/target/release/sixmesh
 T=$(mktemp -d /tmp/sixmesh-bridge-bench.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$T"; }
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] || rm -rf "$T"; }
 trap cleanup EXIT
 cd "$T"
 umask 077
@@ -110,7 +110,7 @@ for side in server client; do
             printf '[[tunnel]]\nname = "echo"\nmode = "client"\nlisten = "127.0.0.1:35300"\nconnect = "[::1]:16300"\n'
         fi
     } > sm-$side.toml
-    RUST_LOG=warn "$B" bridge run --config sm-$side.toml > sm-$side.log 2>&1 & PIDS+=($!)
+    RUST_LOG=warn "$B" bridge run --config sm-$side.toml --control "$T/sm-$side.sock" > sm-$side.log 2>&1 & PIDS+=($!)
 done
 sleep 1
 

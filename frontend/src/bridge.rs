@@ -526,7 +526,7 @@ impl Bridge {
                 let _ = backend.set_nodelay(true);
                 tracing::debug!(tunnel = %t.name, %from, cn = %id.cn, "connection accepted");
                 counters.accepted.fetch_add(1, Ordering::Relaxed);
-                pipe(tls, backend, idle, counters).await;
+                pipe(tls, backend, idle, counters.clone()).await;
             }
             Mode::Client => {
                 let remote = TcpStream::connect(t.connect)
@@ -557,7 +557,7 @@ impl Bridge {
                     ));
                 }
                 counters.accepted.fetch_add(1, Ordering::Relaxed);
-                pipe(plain_or_tls, tls, idle, counters).await;
+                pipe(plain_or_tls, tls, idle, counters.clone()).await;
             }
         }
         Ok(())
@@ -566,56 +566,25 @@ impl Bridge {
 
 /// Copies both ways until both sides are done, propagating half-closes
 /// (EOF on one side shuts down writing on the other), closing everything
-/// after `idle` without traffic either way.
-async fn pipe<A, B>(a: A, b: B, idle: Duration, counters: &Counters)
+/// after `idle` without traffic either way. Each direction is its own task,
+/// so that the two can use both cores.
+async fn pipe<A, B>(a: A, b: B, idle: Duration, counters: Arc<Counters>)
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     counters.active.fetch_add(1, Ordering::Relaxed);
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    let last = std::sync::Mutex::new(tokio::time::Instant::now());
-    let touch = || *last.lock().expect("not poisoned") = tokio::time::Instant::now();
-    let a_to_b = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match ar.read(&mut buf).await {
-                Ok(0) | Err(_) => {
-                    let _ = bw.shutdown().await;
-                    return;
-                }
-                Ok(n) => {
-                    touch();
-                    counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                    if bw.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    };
-    let b_to_a = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match br.read(&mut buf).await {
-                Ok(0) | Err(_) => {
-                    let _ = aw.shutdown().await;
-                    return;
-                }
-                Ok(n) => {
-                    touch();
-                    counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                    if aw.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    };
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    let start = tokio::time::Instant::now();
+    // Milliseconds since `start` of the last byte seen either way.
+    let last = Arc::new(AtomicU64::new(0));
+    let ab = tokio::spawn(one_way(ar, bw, counters.clone(), true, last.clone(), start));
+    let ba = tokio::spawn(one_way(br, aw, counters.clone(), false, last.clone(), start));
+    let aborts = (ab.abort_handle(), ba.abort_handle());
     let watchdog = async {
         loop {
-            let due = *last.lock().expect("not poisoned") + idle;
+            let due = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
             if tokio::time::Instant::now() >= due {
                 return;
             }
@@ -623,10 +592,45 @@ where
         }
     };
     tokio::select! {
-        _ = async { tokio::join!(a_to_b, b_to_a) } => {}
-        _ = watchdog => tracing::debug!("connection idle: closed"),
+        _ = async { let _ = tokio::join!(ab, ba); } => {}
+        _ = watchdog => {
+            aborts.0.abort();
+            aborts.1.abort();
+            tracing::debug!("connection idle: closed");
+        }
     }
     counters.active.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Copies `r` to `w` until EOF or an error, then shuts `w` down.
+async fn one_way<R, W>(
+    mut r: R,
+    mut w: W,
+    counters: Arc<Counters>,
+    inbound: bool,
+    last: Arc<AtomicU64>,
+    start: tokio::time::Instant,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let bytes = if inbound { &counters.bytes_in } else { &counters.bytes_out };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = w.shutdown().await;
+                return;
+            }
+            Ok(n) => {
+                last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
+                if w.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
