@@ -508,18 +508,18 @@ impl Router {
         id
     }
 
+    /// The destinations for which `nbr` has a route entry.
+    fn keys_via(&self, nbr: u32) -> Vec<RouteKey> {
+        self.routes.iter().filter(|(_, s)| s.entries.iter().any(|e| e.nbr == nbr)).map(|(k, _)| *k).collect()
+    }
+
     fn drop_neighbour(&mut self, now: Instant, id: u32) {
         let Some(n) = self.neighbours.remove(&id) else { return };
         self.by_addr.remove(&(n.iface, n.addr));
         if n.was_up {
             self.events.push_back(Event::NeighbourDown { iface: n.iface, addr: n.addr });
         }
-        let keys: Vec<RouteKey> = self
-            .routes
-            .iter()
-            .filter(|(_, s)| s.entries.iter().any(|e| e.nbr == id))
-            .map(|(k, _)| *k)
-            .collect();
+        let keys = self.keys_via(id);
         for key in keys {
             if let Some(slot) = self.routes.get_mut(&key) {
                 slot.remove_nbr(id);
@@ -551,12 +551,7 @@ impl Router {
             return;
         }
         n.last_cost = cost;
-        let keys: Vec<RouteKey> = self
-            .routes
-            .iter()
-            .filter(|(_, s)| s.entries.iter().any(|e| e.nbr == id))
-            .map(|(k, _)| *k)
-            .collect();
+        let keys = self.keys_via(id);
         for key in keys {
             if let Some(slot) = self.routes.get_mut(&key) {
                 for e in slot.entries.iter_mut().filter(|e| e.nbr == id) {
@@ -630,12 +625,7 @@ impl Router {
                 self.schedule_neighbour(nbr);
             }
             Message::Update { prefix: None, .. } => {
-                let keys: Vec<RouteKey> = self
-                    .routes
-                    .iter()
-                    .filter(|(_, s)| s.entries.iter().any(|e| e.nbr == nbr))
-                    .map(|(k, _)| *k)
-                    .collect();
+                let keys = self.keys_via(nbr);
                 for key in keys {
                     self.routes.get_mut(&key).expect("slot").remove_nbr(nbr);
                     self.reselect(now, key);
