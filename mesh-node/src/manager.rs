@@ -331,6 +331,39 @@ impl TunnelManager {
         self.actions.push_back(Action::Disconnect { peer: victim, reason: "refresh: fewest routes" });
     }
 
+    /// At the target, looks for a peer Babel does not route to (the other
+    /// side of a healed partition, a node that just joined) and opens one
+    /// extra tunnel to it; the next checks drop whichever tunnel carries the
+    /// fewest routes. One at a time; peers that failed are tried again after
+    /// a quarter of `retry_after`.
+    fn explore(&mut self, now: Instant) {
+        if self.distant.is_empty()
+            || !self.tunnels.values().any(|t| t.up_since.is_some())
+            || self.tunnels.values().any(|t| t.dir == Direction::Outgoing && t.up_since.is_none())
+        {
+            return;
+        }
+        let unknown: Vec<PeerId> = self
+            .candidates
+            .keys()
+            .filter(|p| {
+                !self.distant.contains(p)
+                    && !self.tunnels.contains_key(p)
+                    && self
+                        .failed
+                        .get(p)
+                        .is_none_or(|t| now.saturating_duration_since(*t) >= self.cfg.retry_after / 4)
+            })
+            .copied()
+            .collect();
+        if let Some(peer) = unknown.choose(&mut self.rng).copied() {
+            let endpoints = self.candidates[&peer].clone();
+            self.tunnels
+                .insert(peer, Tunnel { dir: Direction::Outgoing, up_since: None, started: now, routes: 0 });
+            self.actions.push_back(Action::Connect { peer, endpoints });
+        }
+    }
+
     fn check(&mut self, now: Instant) {
         // Outgoing tunnels that never came up have failed.
         let stuck: Vec<PeerId> = self
@@ -351,15 +384,30 @@ impl TunnelManager {
         let target = self.target_outgoing(now);
         let mut out: Vec<PeerId> =
             self.tunnels.iter().filter(|(_, t)| t.dir == Direction::Outgoing).map(|(p, _)| *p).collect();
-        // Too many (the target went down): drop the ones carrying least.
+        // Too many (the target went down, or an exploring tunnel came up):
+        // drop the ones carrying least, among those up long enough for Babel
+        // to have counted their routes.
+        let settled = self.cfg.check_interval * 2;
         while out.len() > target {
-            out.sort_by_key(|p| self.tunnels[p].routes);
-            let p = out.remove(0);
+            let up_for = |p: &PeerId| self.tunnels[p].up_since.map(|t| now.saturating_duration_since(t));
+            let pick = |min_age: Duration| {
+                out.iter()
+                    .enumerate()
+                    .filter(|(_, p)| up_for(p).is_some_and(|a| a >= min_age))
+                    .min_by_key(|(_, p)| self.tunnels[*p].routes)
+                    .map(|(i, _)| i)
+            };
+            // Prefer tunnels up long enough to be judged; any up tunnel else.
+            let Some(i) = pick(settled).or_else(|| pick(Duration::ZERO)) else {
+                break;
+            };
+            let p = out.remove(i);
             self.tunnels.remove(&p);
             self.actions.push_back(Action::Disconnect { peer: p, reason: "over the target" });
         }
-        let missing = target - out.len();
+        let missing = target.saturating_sub(out.len());
         if missing == 0 {
+            self.explore(now);
             return;
         }
         let mut pool: Vec<PeerId> = self
@@ -369,6 +417,23 @@ impl TunnelManager {
             .copied()
             .collect();
         pool.shuffle(&mut self.rng);
+        // Last resort (re6st does the same): peers that failed a while ago,
+        // oldest failure first — after a partition heals, nothing else
+        // would reconnect the two sides before `retry_after`.
+        if pool.len() < missing {
+            let mut old: Vec<(Instant, PeerId)> = self
+                .failed
+                .iter()
+                .filter(|(p, t)| {
+                    self.candidates.contains_key(p)
+                        && !self.tunnels.contains_key(p)
+                        && now.saturating_duration_since(**t) >= self.cfg.retry_after / 4
+                })
+                .map(|(p, t)| (*t, *p))
+                .collect();
+            old.sort();
+            pool.extend(old.into_iter().map(|(_, p)| p).take(missing - pool.len()));
+        }
         for peer in pool.into_iter().take(missing) {
             let endpoints = self.candidates[&peer].clone();
             self.tunnels
@@ -476,6 +541,59 @@ mod tests {
         let again = connects(&acts);
         assert_eq!(again.len(), 2);
         assert!(again.iter().all(|p| !first.contains(p)), "failed peers retried at once");
+    }
+
+    #[test]
+    fn failed_peers_are_retried_as_a_last_resort() {
+        let now = Instant::now();
+        let cfg = ManagerConfig { client_count: 2, ..Default::default() };
+        let mut m = TunnelManager::new(p(0), cfg, 5, now);
+        m.add_candidates((1..=2).map(|i| (p(i), ep(i))));
+        m.handle_timeout(now);
+        assert_eq!(connects(&drain(&mut m)).len(), 2);
+        // Neither answers: both fail at +10 s and nobody else is known.
+        m.handle_timeout(now + Duration::from_secs(10));
+        assert!(connects(&drain(&mut m)).is_empty(), "just failed: not retried at once");
+        m.handle_timeout(now + Duration::from_secs(35));
+        assert!(connects(&drain(&mut m)).is_empty(), "still too recent");
+        m.handle_timeout(now + Duration::from_secs(41));
+        assert_eq!(connects(&drain(&mut m)).len(), 2, "retried 30 s after failing, for want of anyone else");
+    }
+
+    #[test]
+    fn at_the_target_one_extra_tunnel_explores_peers_babel_does_not_reach() {
+        let now = Instant::now();
+        let cfg = ManagerConfig { client_count: 2, ..Default::default() };
+        let mut m = TunnelManager::new(p(0), cfg, 5, now);
+        m.add_candidates((1..=4).map(|i| (p(i), ep(i))));
+        m.handle_timeout(now);
+        let first = connects(&drain(&mut m));
+        for &peer in &first {
+            m.tunnel_up(now, peer);
+        }
+        // Babel routes to everyone: nothing to explore.
+        m.set_distant((1..=4).map(p));
+        m.handle_timeout(now + Duration::from_secs(5));
+        assert!(connects(&drain(&mut m)).is_empty());
+        // Babel lost two nodes (a partition healed on their side, say): one
+        // extra tunnel towards one of them.
+        let lost: Vec<PeerId> = (1..=4).map(p).filter(|q| !first.contains(q)).collect();
+        m.set_distant(first.clone());
+        m.handle_timeout(now + Duration::from_secs(10));
+        let extra = connects(&drain(&mut m));
+        assert_eq!(extra.len(), 1);
+        assert!(lost.contains(&extra[0]));
+        // It comes up, Babel learns the other side through it, and it
+        // carries many routes: the tunnel carrying fewest goes.
+        m.tunnel_up(now + Duration::from_secs(10), extra[0]);
+        m.set_distant((1..=4).map(p));
+        let counts: BTreeMap<PeerId, usize> =
+            [(first[0], 1), (first[1], 3), (extra[0], 40)].into_iter().collect();
+        m.set_route_counts(&counts);
+        m.handle_timeout(now + Duration::from_secs(25));
+        let acts = drain(&mut m);
+        assert!(acts.contains(&Action::Disconnect { peer: first[0], reason: "over the target" }), "{acts:?}");
+        assert_eq!(m.tunnels().filter(|(_, d, _)| *d == Direction::Outgoing).count(), 2);
     }
 
     #[test]

@@ -146,7 +146,15 @@ pub struct NodeCore {
     events: VecDeque<NodeEvent>,
     next_housekeeping: Instant,
     drops: Drops,
+    /// Tunnels being closed once traffic moved away: (when, peer, why).
+    draining: Vec<(Instant, PeerId, &'static str)>,
 }
+
+/// Manager decisions that close a working tunnel on purpose: those drain
+/// first (soft lock) so that traffic is not lost while routes move.
+const DRAINED: [&str; 2] = ["refresh: fewest routes", "over the target"];
+/// Babel cost of a draining tunnel.
+const DRAIN_COST: u16 = 4096;
 
 /// How often allowed sources and route counts are refreshed from Babel.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -170,6 +178,7 @@ impl NodeCore {
             events: VecDeque::new(),
             next_housekeeping: now,
             drops: Drops::default(),
+            draining: Vec::new(),
         }
     }
 
@@ -397,6 +406,9 @@ impl NodeCore {
     /// When [`NodeCore::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Instant {
         let mut t = self.manager.poll_timeout().min(self.next_housekeeping);
+        for (d, ..) in &self.draining {
+            t = t.min(*d);
+        }
         if let Some(r) = self.router.poll_timeout() {
             t = t.min(r);
         }
@@ -405,6 +417,16 @@ impl NodeCore {
 
     /// Runs what is due.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<(PeerId, &'static str)> =
+            self.draining.iter().filter(|(t, ..)| *t <= now).map(|(_, p, r)| (*p, *r)).collect();
+        self.draining.retain(|(t, ..)| *t > now);
+        for (peer, reason) in due {
+            if let Some(t) = self.tunnels.remove(&peer) {
+                self.by_id.remove(&t.id);
+                self.router.remove_interface(now, t.id);
+            }
+            self.events.push_back(NodeEvent::Manager(Action::Disconnect { peer, reason }));
+        }
         if now >= self.next_housekeeping {
             self.close_silent_tunnels(now);
             self.housekeeping();
@@ -479,9 +501,17 @@ impl NodeCore {
             let mut busy = false;
             while let Some(a) = self.manager.poll_action() {
                 busy = true;
-                if let Action::Disconnect { peer, .. } = &a
-                    && let Some(t) = self.tunnels.remove(peer)
+                if let Action::Disconnect { peer, reason } = &a
+                    && let Some(t) = self.tunnels.get(peer)
                 {
+                    if !t.fixed && DRAINED.contains(reason) {
+                        // Soft lock: make the tunnel expensive so that Babel
+                        // moves traffic away, and close it a little later.
+                        self.router.set_interface_cost(now, t.id, DRAIN_COST);
+                        self.draining.push((now + self.cfg.hello_interval * 4, *peer, reason));
+                        continue;
+                    }
+                    let t = self.tunnels.remove(peer).expect("present");
                     self.by_id.remove(&t.id);
                     self.router.remove_interface(now, t.id);
                 }

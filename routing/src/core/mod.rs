@@ -308,6 +308,23 @@ impl Router {
         self.flush(now);
     }
 
+    /// Changes an interface's nominal cost (e.g. very high before closing
+    /// a tunnel, so that traffic moves to other routes first, like re6st's
+    /// soft lock). Neighbours see it in our next IHUs.
+    pub fn set_interface_cost(&mut self, now: Instant, iface: IfaceId, cost: u16) {
+        let Some(i) = self.ifaces.get_mut(&iface) else { return };
+        if i.cfg.cost == cost {
+            return;
+        }
+        i.cfg.cost = cost;
+        let nbrs: Vec<u32> =
+            self.neighbours.iter().filter(|(_, n)| n.iface == iface).map(|(id, _)| *id).collect();
+        for id in nbrs {
+            self.neighbour_changed(now, id);
+        }
+        self.flush(now);
+    }
+
     /// Stops speaking on an interface; its neighbours and their routes go.
     pub fn remove_interface(&mut self, now: Instant, iface: IfaceId) {
         if self.ifaces.remove(&iface).is_none() {
