@@ -425,6 +425,9 @@ impl NodeCore {
                 self.by_id.remove(&t.id);
                 self.router.remove_interface(now, t.id);
             }
+            // Should the manager have chosen this peer again meanwhile, it
+            // learns that the tunnel is gone.
+            self.manager.tunnel_down(now, peer);
             self.events.push_back(NodeEvent::Manager(Action::Disconnect { peer, reason }));
         }
         if now >= self.next_housekeeping {
