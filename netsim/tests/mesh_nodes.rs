@@ -13,10 +13,8 @@ fn small_mesh(n: usize, seed: u64) -> MeshSim {
     MeshSim::new(n, cfg, |a, b| Duration::from_millis(5 + ((a * 7 + b * 13) % 20) as u64), seed)
 }
 
-#[test]
-fn mesh_forms_and_every_node_reaches_every_other() {
-    let mut sim = small_mesh(12, 1);
-    sim.run_for(Duration::from_secs(20));
+/// Probes every pair and fails with a sample of the ones that do not answer.
+fn assert_all_reachable(sim: &mut MeshSim) {
     let missing = sim.unreachable_pairs(Duration::from_secs(1));
     assert!(
         missing.is_empty(),
@@ -24,6 +22,13 @@ fn mesh_forms_and_every_node_reaches_every_other() {
         missing.len(),
         &missing[..missing.len().min(5)]
     );
+}
+
+#[test]
+fn mesh_forms_and_every_node_reaches_every_other() {
+    let mut sim = small_mesh(12, 1);
+    sim.run_for(Duration::from_secs(20));
+    assert_all_reachable(&mut sim);
     let edges = sim.tunnel_graph();
     assert!(edges.len() >= 12 * 3 / 2, "only {} tunnels", edges.len());
     for i in 0..12 {
@@ -39,13 +44,7 @@ fn broken_underlay_paths_are_routed_around() {
     let broken = sim.break_random_paths(0.2);
     assert!(broken > 0);
     sim.run_for(Duration::from_secs(40));
-    let missing = sim.unreachable_pairs(Duration::from_secs(1));
-    assert!(
-        missing.is_empty(),
-        "{} pairs unreachable, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)]
-    );
+    assert_all_reachable(&mut sim);
 }
 
 #[test]

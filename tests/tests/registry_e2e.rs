@@ -28,6 +28,11 @@ fn assert_json_error(status: u16, body: &[u8], want: u16) {
     assert!(v["error"].is_string() && v["message"].is_string(), "{v}");
 }
 
+/// `sixmesh join` with a pinned CA fingerprint into `dir`.
+fn join_args<'a>(url: &'a str, token: &'a str, fp: &'a str, dir: &'a str) -> [&'a str; 9] {
+    ["join", "--registry", url, "--token", token, "--ca-fingerprint", fp, "--state-dir", dir]
+}
+
 #[test]
 fn init_serve_join_verify_renew_revoke() {
     assert!(has_openssl(), "openssl is needed (apt-get install openssl; scripts/test installs it)");
@@ -52,32 +57,12 @@ fn init_serve_join_verify_renew_revoke() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--ca-fingerprint"));
     // Wrong fingerprint: refused before the token is sent.
     let wrong = format!("sha256:{}", "0".repeat(64));
-    let o = sixmesh(&[
-        "join",
-        "--registry",
-        &url,
-        "--token",
-        &toks[0],
-        "--ca-fingerprint",
-        &wrong,
-        "--state-dir",
-        node_s,
-    ]);
+    let o = sixmesh(&join_args(&url, &toks[0], &wrong, node_s));
     assert!(!o.status.success());
     assert!(!node.join("node.pem").exists());
 
     // Join.
-    let out = ok(&[
-        "join",
-        "--registry",
-        &url,
-        "--token",
-        &toks[0],
-        "--ca-fingerprint",
-        &fp,
-        "--state-dir",
-        node_s,
-    ]);
+    let out = ok(&join_args(&url, &toks[0], &fp, node_s));
     assert!(out.contains("prefix:         fd00:77::/64"), "{out}");
     assert!(out.contains("mesh address:   fd00:77::1"), "{out}");
     for f in
@@ -99,31 +84,11 @@ fn init_serve_join_verify_renew_revoke() {
     let first_serial = client::load_identity(&node).unwrap().unwrap().serial;
 
     // Idempotent: re-running does not use a token.
-    let again = ok(&[
-        "join",
-        "--registry",
-        &url,
-        "--token",
-        &toks[0],
-        "--ca-fingerprint",
-        &fp,
-        "--state-dir",
-        node_s,
-    ]);
+    let again = ok(&join_args(&url, &toks[0], &fp, node_s));
     assert!(again.contains("already enrolled"), "{again}");
     // A used token cannot enroll another node.
     let other = tmp.path().join("other");
-    let o = sixmesh(&[
-        "join",
-        "--registry",
-        &url,
-        "--token",
-        &toks[0],
-        "--ca-fingerprint",
-        &fp,
-        "--state-dir",
-        other.to_str().unwrap(),
-    ]);
+    let o = sixmesh(&join_args(&url, &toks[0], &fp, other.to_str().unwrap()));
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("token"), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!other.join("node.pem").exists());
@@ -192,17 +157,7 @@ fn init_serve_join_verify_renew_revoke() {
 
     // Second node; endpoints and bootstrap over mTLS.
     let node2 = tmp.path().join("node2");
-    let out2 = ok(&[
-        "join",
-        "--registry",
-        &url,
-        "--token",
-        &toks[1],
-        "--ca-fingerprint",
-        &fp,
-        "--state-dir",
-        node2.to_str().unwrap(),
-    ]);
+    let out2 = ok(&join_args(&url, &toks[1], &fp, node2.to_str().unwrap()));
     assert!(out2.contains("fd00:77:0:1::/64"), "{out2}");
     rt.block_on(client::report_endpoints(
         &node,
@@ -318,17 +273,7 @@ fn init_serve_join_verify_renew_revoke() {
         rows.as_array().unwrap().iter().filter(|r| r["used_at"].is_null()).collect();
     assert_eq!(unused.len(), 1, "{listed}");
     ok(&["registry", "token", "delete", unused[0]["id"].as_str().unwrap(), "--state-dir", reg_s]);
-    let o = sixmesh(&[
-        "join",
-        "--registry",
-        &url,
-        "--token",
-        &spare,
-        "--ca-fingerprint",
-        &fp,
-        "--state-dir",
-        tmp.path().join("n4").to_str().unwrap(),
-    ]);
+    let o = sixmesh(&join_args(&url, &spare, &fp, tmp.path().join("n4").to_str().unwrap()));
     assert!(!o.status.success(), "a deleted token enrolls nothing");
     // show by serial finds the same node as by prefix.
     let by_serial = ok(&["registry", "show", &first_serial, "--json", "--state-dir", reg_s]);
