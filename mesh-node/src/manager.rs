@@ -215,6 +215,18 @@ impl TunnelManager {
         self.distant = prefixes.into_iter().filter(|p| *p != self.me).collect();
     }
 
+    /// Babel now routes to `prefix` (see [`TunnelManager::set_distant`]).
+    pub fn add_distant(&mut self, prefix: PeerId) {
+        if prefix != self.me {
+            self.distant.insert(prefix);
+        }
+    }
+
+    /// Babel no longer routes to `prefix`.
+    pub fn remove_distant(&mut self, prefix: &PeerId) {
+        self.distant.remove(prefix);
+    }
+
     /// An incoming tunnel asks to be set up: accept it?
     pub fn accept_incoming(&mut self, now: Instant, peer: PeerId) -> bool {
         if peer == self.me {

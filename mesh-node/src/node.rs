@@ -126,9 +126,6 @@ struct Tunnel {
     counters: TunnelCounters,
     /// Last time anything came out of this tunnel.
     last_rx: Instant,
-    /// Sources this peer may send from: what it advertises to us in Babel,
-    /// and its own prefix.
-    allowed: Fib<()>,
 }
 
 /// The node core. See the module documentation.
@@ -139,6 +136,9 @@ pub struct NodeCore {
     router: Router,
     manager: TunnelManager,
     fib: Fib<PeerId>,
+    /// How many destinations Babel routes through each peer (kept with the
+    /// FIB; the tunnel manager's refresh drops the tunnel carrying fewest).
+    route_counts: BTreeMap<PeerId, usize>,
     tunnels: BTreeMap<PeerId, Tunnel>,
     by_id: HashMap<TunnelId, PeerId>,
     next_id: TunnelId,
@@ -156,7 +156,8 @@ const DRAINED: [&str; 2] = ["refresh: fewest routes", "over the target"];
 /// Babel cost of a draining tunnel.
 const DRAIN_COST: u16 = 4096;
 
-/// How often allowed sources and route counts are refreshed from Babel.
+/// How often silent tunnels are looked for and route counts handed to the
+/// tunnel manager.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 impl NodeCore {
@@ -171,6 +172,7 @@ impl NodeCore {
             router,
             manager,
             fib: Fib::new(),
+            route_counts: BTreeMap::new(),
             tunnels: BTreeMap::new(),
             by_id: HashMap::new(),
             next_id: 1,
@@ -223,10 +225,7 @@ impl NodeCore {
     fn add_tunnel(&mut self, now: Instant, peer: PeerId, fixed: bool) -> TunnelId {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
-        let mut allowed = Fib::new();
-        allowed.insert(peer, ());
-        self.tunnels
-            .insert(peer, Tunnel { id, fixed, counters: TunnelCounters::default(), last_rx: now, allowed });
+        self.tunnels.insert(peer, Tunnel { id, fixed, counters: TunnelCounters::default(), last_rx: now });
         self.by_id.insert(id, peer);
         id
     }
@@ -259,7 +258,7 @@ impl NodeCore {
             return;
         }
         self.add_tunnel(now, peer, true);
-        self.fib.insert(peer, peer);
+        self.set_route(peer, Some(peer));
         self.events.push_back(NodeEvent::Route { prefix: peer, via: Some(peer), metric: 0 });
         // We are the mesh's gateway to it.
         self.router.announce(now, peer, None);
@@ -272,7 +271,7 @@ impl NodeCore {
             self.by_id.remove(&t.id);
             if t.fixed {
                 if self.fib.lookup(peer.network()) == Some(&peer) {
-                    self.fib.remove(&peer);
+                    self.set_route(peer, None);
                 }
                 self.router.withdraw(now, peer, None);
             } else {
@@ -349,8 +348,10 @@ impl NodeCore {
             }
             return;
         }
-        // Data: the peer may only send from what it advertises (allowed-IPs).
-        let allowed = self.tunnels.get(&peer).is_some_and(|t| t.allowed.lookup(h.src).is_some());
+        // Data: the peer may only send from its own prefix and from what it
+        // advertises to us in Babel (WireGuard's allowed-IPs, fed by Babel).
+        let fixed = self.tunnels.get(&peer).is_some_and(|t| t.fixed);
+        let allowed = peer.contains(&h.src) || (!fixed && self.router.advertises(id, h.src));
         if !allowed || !self.cfg.network.contains(&h.src) {
             tracing::debug!(%peer, src = %h.src, dst = %h.dst, "dropped: source not allowed from this peer");
             self.drops.bad_source += 1;
@@ -467,34 +468,37 @@ impl NodeCore {
         }
     }
 
-    /// Refreshes what each peer may send from, and the route counts and
-    /// distant destinations the tunnel manager uses.
+    /// Hands the route counts to the tunnel manager.
     fn housekeeping(&mut self) {
-        let mut allowed: HashMap<TunnelId, Fib<()>> = HashMap::new();
-        let mut counts: BTreeMap<PeerId, usize> = BTreeMap::new();
-        let mut distant = Vec::new();
-        // Unsorted and without feasibility checks: `routes()` costs a sort
-        // of every entry, too much every second in large meshes.
-        for (prefix, _src, iface, metric, selected) in self.router.learned_routes() {
-            if metric < sixmesh_routing::wire::INFINITY {
-                allowed.entry(iface).or_default().insert(prefix, ());
-            }
-            if selected {
-                if let Some(p) = self.by_id.get(&iface) {
-                    *counts.entry(*p).or_default() += 1;
-                }
-                if prefix.prefix_len() == self.cfg.prefix.prefix_len() {
-                    distant.push(prefix);
-                }
+        self.manager.set_route_counts(&self.route_counts);
+    }
+
+    /// Points the FIB entry for `prefix` at `via` (or removes it), keeping
+    /// the route counts and the manager's set of destinations Babel routes
+    /// to (candidates for exploration) in step.
+    fn set_route(&mut self, prefix: Ipv6Net, via: Option<PeerId>) {
+        let old = match via {
+            Some(p) => self.fib.insert(prefix, p),
+            None => self.fib.remove(&prefix),
+        };
+        if let Some(o) = old
+            && let Some(c) = self.route_counts.get_mut(&o)
+        {
+            *c -= 1;
+            if *c == 0 {
+                self.route_counts.remove(&o);
             }
         }
-        for (peer, t) in self.tunnels.iter_mut().filter(|(_, t)| !t.fixed) {
-            let mut a = allowed.remove(&t.id).unwrap_or_default();
-            a.insert(*peer, ());
-            t.allowed = a;
+        if let Some(p) = via {
+            *self.route_counts.entry(p).or_default() += 1;
         }
-        self.manager.set_route_counts(&counts);
-        self.manager.set_distant(distant);
+        if prefix.prefix_len() == self.cfg.prefix.prefix_len() {
+            match (old.is_some(), via.is_some()) {
+                (false, true) => self.manager.add_distant(prefix),
+                (true, false) => self.manager.remove_distant(&prefix),
+                _ => {}
+            }
+        }
     }
 
     /// Moves the router's and manager's outputs into ours, until neither
@@ -544,12 +548,12 @@ impl NodeCore {
         match e {
             Event::Selected { prefix, src: None, iface, metric, .. } => {
                 if let Some(peer) = self.by_id.get(&iface).copied() {
-                    self.fib.insert(prefix, peer);
+                    self.set_route(prefix, Some(peer));
                     self.events.push_back(NodeEvent::Route { prefix, via: Some(peer), metric });
                 }
             }
             Event::Unselected { prefix, src: None } => {
-                self.fib.remove(&prefix);
+                self.set_route(prefix, None);
                 self.events.push_back(NodeEvent::Route { prefix, via: None, metric: u16::MAX });
             }
             // Source-specific routes (gateways) stay in Babel's table; the

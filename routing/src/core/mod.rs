@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv6Net};
 
-pub use self::fxhash::{FxBuildHasher, FxHasher, FxMap};
+pub use self::fxhash::{FxBuildHasher, FxHasher, FxMap, FxSet};
 use self::tables::{Installed, Neighbour, RouteEntry, Slot, Source};
 pub use self::tables::{NeighbourInfo, RouteInfo, seqno_newer};
 use crate::wire::{self, INFINITY, Message, PacketBuilder, RequestTarget, RouterId};
@@ -171,20 +171,30 @@ enum Timer {
     Hello(IfaceId),
     Update(IfaceId),
     Neighbour(u32),
-    RouteExpiry(u32, u32),
+    ExpireRoutes,
     Urgent(u32),
     Request(u32),
     SourceGc,
 }
 
+/// How often route entries are checked for expiry (they are kept 3.5
+/// update intervals: this is a backstop, retractions and lost neighbours
+/// remove routes at once).
+const EXPIRY_SWEEP: Duration = Duration::from_secs(2);
 /// How long an unused source (feasibility distance) is kept (RFC 8966 B).
 const SOURCE_GC: Duration = Duration::from_secs(180);
 /// Hop count of the seqno requests we originate.
 const REQUEST_HOPS: u8 = 64;
 /// A new route must beat the selected one by this much to replace it.
 const HYSTERESIS: u16 = 16;
-/// Retractions and seqno-bumped updates are sent this many times.
+/// Retractions, source switches and seqno-bumped updates are sent this
+/// many times.
 const URGENT_REPEAT: u8 = 3;
+/// Triggered updates wait up to about this long (and at most a Hello
+/// interval) so that the changes of one moment share datagrams; babeld's
+/// `update_jitter`: 100 ms when urgent, the Hello interval (≤ 4 s) else.
+const URGENT_FLUSH: Duration = Duration::from_millis(100);
+const NORMAL_FLUSH: Duration = Duration::from_secs(4);
 const URGENT_INTERVAL: Duration = Duration::from_millis(200);
 /// Seqno requests are resent after this, doubling, up to `REQUEST_RESENDS`.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -229,6 +239,18 @@ pub struct Router {
     pending: FxMap<u32, Pending>,
     urgent: FxMap<u32, u8>,
     triggered: BTreeSet<RouteKey>,
+    /// When the triggered updates are sent.
+    flush_at: Option<Instant>,
+    /// The sending neighbour's (id, cost, update interval) while the
+    /// updates of one packet are handled; cleared by anything that may
+    /// change the cost.
+    cost_cache: Option<(u32, u16, Duration)>,
+    /// The destinations each neighbour has an entry for.
+    via: FxMap<u32, FxSet<RouteKey>>,
+    /// How many learned destinations have each prefix length (plain
+    /// routes), and the source-specific ones, for [`Router::advertises`].
+    plain_lens: BTreeMap<u8, u32>,
+    specific: BTreeSet<RouteKey>,
     out: BTreeMap<(IfaceId, Destination), Vec<Message>>,
     timers: BinaryHeap<Reverse<(Instant, u64, Timer)>>,
     timer_seq: u64,
@@ -258,6 +280,11 @@ impl Router {
             pending: FxMap::default(),
             urgent: FxMap::default(),
             triggered: BTreeSet::new(),
+            flush_at: None,
+            cost_cache: None,
+            via: FxMap::default(),
+            plain_lens: BTreeMap::new(),
+            specific: BTreeSet::new(),
             out: BTreeMap::new(),
             timers: BinaryHeap::new(),
             timer_seq: 0,
@@ -266,6 +293,7 @@ impl Router {
             stats: Stats::default(),
         };
         r.schedule(now + Duration::from_secs(60), Timer::SourceGc);
+        r.schedule(now + EXPIRY_SWEEP, Timer::ExpireRoutes);
         r
     }
 
@@ -354,7 +382,7 @@ impl Router {
                     self.events.push_back(Event::Unselected { prefix: key.0, src: key.1 });
                 }
             }
-            self.trigger(key, true);
+            self.trigger(now, key, Urgency::Resend);
             self.flush(now);
         }
     }
@@ -364,7 +392,7 @@ impl Router {
         let key = (prefix.trunc(), src.map(|s| s.trunc()));
         if self.xroutes.remove(&key) {
             self.reselect(now, key);
-            self.trigger(key, true);
+            self.trigger(now, key, Urgency::Resend);
             self.flush(now);
         }
     }
@@ -400,9 +428,11 @@ impl Router {
                 packet_ts = Some(*t);
             }
         }
+        self.cost_cache = None;
         for m in decoded.messages {
             self.handle_message(now, nbr, m, packet_ts);
         }
+        self.cost_cache = None;
         self.flush(now);
     }
 
@@ -420,7 +450,11 @@ impl Router {
 
     /// When [`Router::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((at, _, _))| *at)
+        let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        match (timer, self.flush_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The next datagram to send.
@@ -527,7 +561,58 @@ impl Router {
 
     /// The destinations for which `nbr` has a route entry.
     fn keys_via(&self, nbr: u32) -> Vec<RouteKey> {
-        self.routes.iter().filter(|(_, s)| s.entries.iter().any(|e| e.nbr == nbr)).map(|(k, _)| *k).collect()
+        self.via.get(&nbr).map(|s| s.iter().copied().collect()).unwrap_or_default()
+    }
+
+    /// Removes `nbr`'s entry for `key`; true if there was one.
+    fn remove_entry(&mut self, key: &RouteKey, nbr: u32) -> bool {
+        let removed = self.routes.get_mut(key).is_some_and(|slot| slot.remove_nbr(nbr));
+        if removed && let Some(keys) = self.via.get_mut(&nbr) {
+            keys.remove(key);
+        }
+        removed
+    }
+
+    /// Keeps the prefix-length counts of learned destinations.
+    fn count_key(&mut self, key: &RouteKey, added: bool) {
+        if key.1.is_some() {
+            if added {
+                self.specific.insert(*key);
+            } else {
+                self.specific.remove(key);
+            }
+            return;
+        }
+        let len = key.0.prefix_len();
+        if added {
+            *self.plain_lens.entry(len).or_default() += 1;
+        } else if let Some(c) = self.plain_lens.get_mut(&len) {
+            *c -= 1;
+            if *c == 0 {
+                self.plain_lens.remove(&len);
+            }
+        }
+    }
+
+    /// Whether the neighbours on `iface` advertise a route (finite metric)
+    /// to a prefix that contains `addr`: the sources a tunnel peer may send
+    /// from (WireGuard's allowed-IPs, fed by Babel). A few hash lookups,
+    /// one per prefix length in use.
+    pub fn advertises(&self, iface: IfaceId, addr: Ipv6Addr) -> bool {
+        let by = |slot: &Slot| {
+            slot.entries
+                .iter()
+                .any(|e| e.metric < INFINITY && self.neighbours.get(&e.nbr).is_some_and(|n| n.iface == iface))
+        };
+        let bits = u128::from(addr);
+        for &len in self.plain_lens.keys() {
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+            let Ok(net) = Ipv6Net::new(Ipv6Addr::from(bits & mask), len) else { continue };
+            if self.routes.get(&(net, None)).is_some_and(by) {
+                return true;
+            }
+        }
+        self.specific.iter().any(|k| k.0.contains(&addr) && self.routes.get(k).is_some_and(by))
     }
 
     fn drop_neighbour(&mut self, now: Instant, id: u32) {
@@ -538,11 +623,10 @@ impl Router {
         }
         let keys = self.keys_via(id);
         for key in keys {
-            if let Some(slot) = self.routes.get_mut(&key) {
-                slot.remove_nbr(id);
-            }
+            self.remove_entry(&key, id);
             self.reselect(now, key);
         }
+        self.via.remove(&id);
         for p in self.pending.values_mut() {
             p.to.retain(|t| *t != id);
         }
@@ -550,6 +634,7 @@ impl Router {
 
     /// Applies a change of a neighbour's link cost to its routes.
     fn neighbour_changed(&mut self, now: Instant, id: u32) {
+        self.cost_cache = None;
         let Some(n) = self.neighbours.get_mut(&id) else { return };
         let cfg = &self.ifaces[&n.iface].cfg;
         let cost = n.cost(now, cfg);
@@ -570,12 +655,21 @@ impl Router {
         n.last_cost = cost;
         let keys = self.keys_via(id);
         for key in keys {
-            if let Some(slot) = self.routes.get_mut(&key) {
-                for e in slot.entries.iter_mut().filter(|e| e.nbr == id) {
-                    e.metric = add_metric(cost, e.refmetric);
-                }
+            let Some(slot) = self.routes.get_mut(&key) else { continue };
+            let Some(i) = slot.entries.iter().position(|e| e.nbr == id) else { continue };
+            let old = slot.entries[i].metric;
+            let new = add_metric(cost, slot.entries[i].refmetric);
+            slot.entries[i].metric = new;
+            // An entry that is not selected and gets worse, or better but not
+            // by enough to win, changes nothing: skip the reselection (this
+            // runs on every cost change, for every destination).
+            let unchanged = match slot.selected {
+                Some(s) if s != i => new >= old || new.saturating_add(HYSTERESIS) > slot.entries[s].metric,
+                _ => false,
+            };
+            if !unchanged {
+                self.reselect(now, key);
             }
-            self.reselect(now, key);
         }
     }
 
@@ -644,7 +738,7 @@ impl Router {
             Message::Update { prefix: None, .. } => {
                 let keys = self.keys_via(nbr);
                 for key in keys {
-                    self.routes.get_mut(&key).expect("slot").remove_nbr(nbr);
+                    self.remove_entry(&key, nbr);
                     self.reselect(now, key);
                 }
             }
@@ -714,23 +808,44 @@ impl Router {
         refmetric: u16,
         interval: u16,
     ) {
-        let cost = {
-            let n = &self.neighbours[&nbr];
-            n.cost(now, &self.ifaces[&n.iface].cfg)
+        let (cost, default_interval) = match self.cost_cache {
+            Some((id, c, u)) if id == nbr => (c, u),
+            _ => {
+                let n = &self.neighbours[&nbr];
+                let cfg = &self.ifaces[&n.iface].cfg;
+                let v = (n.cost(now, cfg), cfg.update_interval);
+                self.cost_cache = Some((nbr, v.0, v.1));
+                v
+            }
         };
         if refmetric == INFINITY {
-            if let Some(slot) = self.routes.get_mut(&key)
-                && slot.remove_nbr(nbr)
-            {
+            if self.remove_entry(&key, nbr) {
                 self.reselect(now, key);
             }
             return;
         }
+        let hold = interval_duration(interval, default_interval) * 7 / 2;
+        let metric = add_metric(cost, refmetric);
+        // Most updates are the periodic repetition of what the neighbour
+        // said before: when nothing changed and a route is selected, only
+        // the entry's lifetime moves (selection cannot change, and the
+        // selected route is feasible).
+        if let Some(slot) = self.routes.get_mut(&key)
+            && slot.selected.is_some()
+            && let Some(e) = slot.entries.iter_mut().find(|e| e.nbr == nbr)
+            && e.router_id == router_id
+            && e.seqno == seqno
+            && e.refmetric == refmetric
+            && e.metric == metric
+            && e.next_hop == next_hop
+        {
+            e.expires = now + hold;
+            return;
+        }
         let feasible = self.feasible(&key, router_id, seqno, refmetric);
-        let hold = interval_duration(interval, self.ifaces[&self.neighbours[&nbr].iface].cfg.update_interval)
-            * 7
-            / 2;
-        let rid = self.route_id(key);
+        if !self.routes.contains_key(&key) {
+            self.count_key(&key, true);
+        }
         let slot = self.routes.entry(key).or_default();
         let was_selected_here = slot.selected.is_some_and(|i| slot.entries[i].nbr == nbr);
         let new_entry = match slot.entries.iter_mut().find(|e| e.nbr == nbr) {
@@ -738,7 +853,7 @@ impl Router {
                 e.router_id = router_id;
                 e.seqno = seqno;
                 e.refmetric = refmetric;
-                e.metric = add_metric(cost, refmetric);
+                e.metric = metric;
                 e.next_hop = next_hop;
                 e.expires = now + hold;
                 false
@@ -749,7 +864,7 @@ impl Router {
                     router_id,
                     seqno,
                     refmetric,
-                    metric: add_metric(cost, refmetric),
+                    metric,
                     next_hop,
                     expires: now + hold,
                 });
@@ -757,7 +872,7 @@ impl Router {
             }
         };
         if new_entry {
-            self.schedule(now + hold, Timer::RouteExpiry(rid, nbr));
+            self.via.entry(nbr).or_default().insert(key);
         }
         self.reselect(now, key);
         // Answer seqno requests this update satisfies.
@@ -788,28 +903,42 @@ impl Router {
                 self.events.push_back(Event::SeqnoChanged(self.seqno));
                 tracing::debug!(seqno, "seqno bumped on request");
             }
-            self.trigger(key, true);
+            self.trigger(now, key, Urgency::Resend);
             return;
         }
         let Some(slot) = self.routes.get(&key) else { return };
-        let Some(sel) = slot.selected else { return };
-        let e = slot.entries[sel].clone();
-        if e.router_id == router_id && !seqno_newer(seqno, e.seqno) {
-            // Our route is recent enough: send it.
-            self.trigger(key, true);
+        let selected = slot.selected.map(|i| slot.entries[i].clone());
+        if let Some(e) = &selected
+            && (e.router_id != router_id || !seqno_newer(seqno, e.seqno))
+        {
+            // Our route is recent enough, or from another source: send it.
+            self.trigger(now, key, Urgency::Resend);
             return;
         }
-        // Forward towards the source, never back to the requester.
-        if hop_count >= 2 && e.nbr != from && e.metric < INFINITY {
-            if self
-                .pending
-                .values()
-                .any(|p| p.key == key && p.router_id == router_id && !seqno_newer(seqno, p.seqno))
-            {
-                return; // duplicate suppression
-            }
-            self.send_seqno_request(now, key, router_id, seqno, hop_count - 1, vec![e.nbr]);
+        if hop_count < 2 {
+            return;
         }
+        // Forward towards the source, never back to the requester: if our
+        // route goes through it, through the best other neighbour (babeld
+        // does the same; the requester is often our next hop when a link
+        // it used just broke).
+        let successor =
+            selected.filter(|e| e.nbr != from && e.metric < INFINITY).map(|e| e.nbr).or_else(|| {
+                slot.entries
+                    .iter()
+                    .filter(|e| e.nbr != from && e.metric < INFINITY)
+                    .min_by_key(|e| (e.metric, e.router_id))
+                    .map(|e| e.nbr)
+            });
+        let Some(successor) = successor else { return };
+        if self
+            .pending
+            .values()
+            .any(|p| p.key == key && p.router_id == router_id && !seqno_newer(seqno, p.seqno))
+        {
+            return; // duplicate suppression
+        }
+        self.send_seqno_request(now, key, router_id, seqno, hop_count - 1, vec![successor]);
     }
 
     fn send_seqno_request(
@@ -865,7 +994,7 @@ impl Router {
         }
     }
 
-    fn satisfy_requests(&mut self, _now: Instant, key: &RouteKey, router_id: RouterId, seqno: u16) {
+    fn satisfy_requests(&mut self, now: Instant, key: &RouteKey, router_id: RouterId, seqno: u16) {
         let Some(rid) = self.route_ids.get(key).copied() else { return };
         if let Some(p) = self.pending.get(&rid)
             && p.router_id == router_id
@@ -873,7 +1002,7 @@ impl Router {
         {
             self.pending.remove(&rid);
             // Whoever asked through us hears about it through the triggered update.
-            self.trigger(*key, true);
+            self.trigger(now, *key, Urgency::Resend);
         }
     }
 
@@ -940,18 +1069,16 @@ impl Router {
                         });
                     }
                 }
-                let significant = before.as_ref().is_none_or(|b| {
-                    b.router_id != a.router_id
-                        || b.seqno != a.seqno
-                        || b.metric.abs_diff(a.metric) >= HYSTERESIS
-                });
-                if significant {
-                    self.trigger(key, before.as_ref().is_none_or(|b| b.router_id != a.router_id));
+                if let Some(u) = triggered_update(before.as_ref(), a) {
+                    self.trigger(now, key, u);
+                }
+                if before.as_ref().is_some_and(|b| a.metric > b.metric) {
+                    self.request_if_starving(now, key, a.metric);
                 }
             }
             (Some(_), None) => {
                 self.events.push_back(Event::Unselected { prefix: key.0, src: key.1 });
-                self.trigger(key, true);
+                self.trigger(now, key, Urgency::Resend);
                 // Starving: ask the sources of unfeasible routes for a new seqno.
                 let asks: Vec<(RouterId, u16, u32)> = self.routes[&key]
                     .entries
@@ -971,8 +1098,31 @@ impl Router {
             }
             (None, None) => {}
         }
-        if empty && after.is_none() {
-            self.routes.remove(&key);
+        if empty && after.is_none() && self.routes.remove(&key).is_some() {
+            self.count_key(&key, false);
+        }
+    }
+
+    /// Our route to `key` just got worse (a tunnel being drained, a link
+    /// degrading): if a neighbour offers a much better route that is not
+    /// feasible, ask its source for a new seqno now, rather than when the
+    /// selected route is lost (babeld asks when such an update arrives; with
+    /// long update intervals that can be after the route is gone).
+    fn request_if_starving(&mut self, now: Instant, key: RouteKey, metric: u16) {
+        let Some(slot) = self.routes.get(&key) else { return };
+        let better = slot
+            .entries
+            .iter()
+            .filter(|e| {
+                e.metric < INFINITY
+                    && e.metric.saturating_add(256) < metric
+                    && !self.feasible(&key, e.router_id, e.seqno, e.refmetric)
+            })
+            .min_by_key(|e| (e.metric, e.router_id))
+            .map(|e| (e.router_id, e.seqno, e.nbr));
+        if let Some((rid, seqno, nbr)) = better {
+            let want = self.sources.get(&(key, rid)).map_or(seqno, |s| s.seqno.wrapping_add(1));
+            self.send_seqno_request(now, key, rid, want, REQUEST_HOPS, vec![nbr]);
         }
     }
 
@@ -1019,11 +1169,18 @@ impl Router {
     fn send_full_update(&mut self, now: Instant, iface: IfaceId, dst: Destination) {
         let mut keys: Vec<RouteKey> = self.xroutes.iter().copied().collect();
         keys.extend(self.routes.iter().filter(|(_, s)| s.selected.is_some()).map(|(k, _)| *k));
+        self.send_updates(now, iface, dst, &keys);
+    }
+
+    /// Queues our current update for each of `keys` on `iface`.
+    fn send_updates(&mut self, now: Instant, iface: IfaceId, dst: Destination, keys: &[RouteKey]) {
+        let mut msgs = Vec::with_capacity(keys.len());
         for key in keys {
-            let msg = self.update_message(&key, iface);
-            self.note_sent(now, &key, &msg);
-            self.queue(iface, dst, msg);
+            let msg = self.update_message(key, iface);
+            self.note_sent(now, key, &msg);
+            msgs.push(msg);
         }
+        self.out.entry((iface, dst)).or_default().extend(msgs);
     }
 
     fn send_hello(&mut self, now: Instant, iface: IfaceId) {
@@ -1063,31 +1220,38 @@ impl Router {
         }
     }
 
-    /// Marks `key` for a triggered update on every interface; `urgent`
-    /// repeats it a few times (retractions, new seqnos, new router-ids).
-    fn trigger(&mut self, key: RouteKey, urgent: bool) {
+    /// Marks `key` for a triggered update on every interface, sent after a
+    /// short delay that lets simultaneous changes share datagrams.
+    fn trigger(&mut self, now: Instant, key: RouteKey, urgency: Urgency) {
         self.triggered.insert(key);
-        if urgent {
+        let cap = if urgency == Urgency::Normal { NORMAL_FLUSH } else { URGENT_FLUSH };
+        let delay = roughly(self.min_hello().min(cap), self.next_random());
+        self.flush_at = Some(self.flush_at.map_or(now + delay, |t| t.min(now + delay)));
+        if urgency == Urgency::Resend {
             let rid = self.route_id(key);
             self.urgent.insert(rid, URGENT_REPEAT - 1);
         }
+    }
+
+    /// The shortest Hello interval of our interfaces (4 s without any).
+    fn min_hello(&self) -> Duration {
+        self.ifaces.values().map(|i| i.cfg.hello_interval).min().unwrap_or(Duration::from_secs(4))
     }
 
     fn queue(&mut self, iface: IfaceId, dst: Destination, m: Message) {
         self.out.entry((iface, dst)).or_default().push(m);
     }
 
-    /// Turns queued messages and triggered updates into datagrams.
+    /// Turns queued messages, and triggered updates once due, into datagrams.
     fn flush(&mut self, now: Instant) {
-        if !self.triggered.is_empty() {
-            let keys = std::mem::take(&mut self.triggered);
+        if self.flush_at.is_some_and(|t| t <= now) {
+            self.flush_at = None;
+            let keys: Vec<RouteKey> = std::mem::take(&mut self.triggered).into_iter().collect();
             let ifaces: Vec<IfaceId> = self.ifaces.keys().copied().collect();
+            for &iface in &ifaces {
+                self.send_updates(now, iface, Destination::Multicast, &keys);
+            }
             for key in &keys {
-                for &iface in &ifaces {
-                    let msg = self.update_message(key, iface);
-                    self.note_sent(now, key, &msg);
-                    self.queue(iface, Destination::Multicast, msg);
-                }
                 if let Some(rid) = self.route_ids.get(key)
                     && self.urgent.contains_key(rid)
                 {
@@ -1140,17 +1304,23 @@ impl Router {
                     self.check_neighbour(now, id);
                 }
             }
-            Timer::RouteExpiry(rid, nbr) => {
-                let Some(key) = self.route_keys.get(&rid).copied() else { return };
-                let Some(slot) = self.routes.get_mut(&key) else { return };
-                let Some(e) = slot.entries.iter().find(|e| e.nbr == nbr) else { return };
-                if e.expires <= now {
-                    slot.remove_nbr(nbr);
-                    self.reselect(now, key);
-                } else {
-                    let at = e.expires;
-                    self.schedule(at, Timer::RouteExpiry(rid, nbr));
+            Timer::ExpireRoutes => {
+                // One sweep now and then rather than a timer per entry: with
+                // thousands of destinations per neighbour those timers were
+                // most of the timer heap (babeld sweeps too).
+                let expired: Vec<(RouteKey, u32)> = self
+                    .routes
+                    .iter()
+                    .flat_map(|(k, slot)| {
+                        slot.entries.iter().filter(|e| e.expires <= now).map(|e| (*k, e.nbr))
+                    })
+                    .collect();
+                for (key, nbr) in expired {
+                    if self.remove_entry(&key, nbr) {
+                        self.reselect(now, key);
+                    }
                 }
+                self.schedule(now + EXPIRY_SWEEP, Timer::ExpireRoutes);
             }
             Timer::Urgent(rid) => {
                 let Some(left) = self.urgent.get_mut(&rid) else { return };
@@ -1160,6 +1330,7 @@ impl Router {
                 }
                 if let Some(key) = self.route_keys.get(&rid).copied() {
                     self.triggered.insert(key);
+                    self.flush_at = Some(now);
                 }
             }
             Timer::Request(rid) => {
@@ -1217,6 +1388,52 @@ impl Router {
         let quarter = d.as_micros() as u64 / 4;
         if quarter == 0 { Duration::ZERO } else { Duration::from_micros(self.next_random() % quarter) }
     }
+}
+
+/// How soon a triggered update goes out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Urgency {
+    /// Within about a Hello interval (at most 4 s).
+    Normal,
+    /// Within about 100 ms.
+    Fast,
+    /// Within about 100 ms, and repeated (retractions, source switches,
+    /// seqno bumps asked for).
+    Resend,
+}
+
+/// Whether a change of the selected route is worth a triggered update, as
+/// babeld's `send_triggered_update` decides: a new route, a switch of
+/// source (router-id) and a seqno change always; a route getting much worse
+/// quickly; small changes, and improvements below 1024, not at all (they
+/// would only make routes unfeasible downstream, and the periodic update
+/// carries them).
+fn triggered_update(before: Option<&Installed>, after: &Installed) -> Option<Urgency> {
+    let Some(b) = before else { return Some(Urgency::Fast) };
+    if b.router_id != after.router_id {
+        return Some(Urgency::Resend);
+    }
+    if b.seqno != after.seqno {
+        return Some(Urgency::Fast);
+    }
+    let (old, new) = (b.metric, after.metric);
+    let diff = old.abs_diff(new);
+    if new > old && old < 6 * 256 && diff >= 512 {
+        Some(Urgency::Fast)
+    } else if (new < old && diff < 1024) || diff < 384 {
+        None
+    } else {
+        Some(Urgency::Normal)
+    }
+}
+
+/// `value` give or take a quarter, like babeld's `roughly`.
+fn roughly(value: Duration, random: u64) -> Duration {
+    let ms = value.as_millis() as u64;
+    if ms <= 1 {
+        return value;
+    }
+    Duration::from_millis(ms * 3 / 4 + random % (ms / 2).max(1))
 }
 
 /// Metric composition M(c, m) = c + m, capped at infinity.

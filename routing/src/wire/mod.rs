@@ -513,6 +513,60 @@ impl PacketBuilder {
 
     /// Adds a message.
     pub fn push(&mut self, m: &Message) {
+        match m {
+            Message::Update {
+                prefix: Some(IpNet::V6(p)),
+                src: None,
+                router_id,
+                next_hop: None,
+                seqno,
+                metric,
+                interval,
+            } => self.push_plain_update(p, *router_id, *seqno, *metric, *interval),
+            _ => self.push_generic(m),
+        }
+    }
+
+    /// The common update (IPv6, not source-specific, next hop = sender),
+    /// written straight into the packet: full tables are thousands of these,
+    /// and the generic path allocates for every TLV. Same bytes as
+    /// [`PacketBuilder::push_generic`] (a property test checks it).
+    fn push_plain_update(
+        &mut self,
+        p: &Ipv6Net,
+        router_id: RouterId,
+        seqno: u16,
+        metric: u16,
+        interval: u16,
+    ) {
+        let plen = p.prefix_len();
+        let n = tlv::prefix_bytes(plen);
+        let len = 2 + 10 + n;
+        let extra = if self.router_id != Some(router_id) { 12 } else { 0 };
+        if !self.current.is_empty()
+            && (self.next_hop.is_some() || self.current.len() + extra + len > self.mtu)
+        {
+            self.flush_current();
+        }
+        if self.current.is_empty() {
+            self.current.reserve(self.mtu);
+            self.current.extend([tlv::MAGIC, tlv::VERSION, 0, 0]);
+        }
+        // After a flush the new packet needs the Router-Id again.
+        if self.router_id != Some(router_id) {
+            self.current.extend([tlv::ty::ROUTER_ID, 10, 0, 0]);
+            self.current.extend(router_id.0);
+            self.router_id = Some(router_id);
+        }
+        self.current.extend([tlv::ty::UPDATE, (10 + n) as u8, 2, 0, plen, 0]);
+        self.current.extend(interval.to_be_bytes());
+        self.current.extend(seqno.to_be_bytes());
+        self.current.extend(metric.to_be_bytes());
+        self.current.extend(&p.network().octets()[..n]);
+    }
+
+    /// Adds any message, through the raw TLV layer.
+    fn push_generic(&mut self, m: &Message) {
         let mut tlvs = Vec::with_capacity(3);
         match m {
             Message::AckReq { opaque, interval } => {
