@@ -181,6 +181,8 @@ enum Timer {
 /// update intervals: this is a backstop, retractions and lost neighbours
 /// remove routes at once).
 const EXPIRY_SWEEP: Duration = Duration::from_secs(2);
+/// At most this often when every interface's update interval is long.
+const EXPIRY_SWEEP_MAX: Duration = Duration::from_secs(10);
 /// How long an unused source (feasibility distance) is kept (RFC 8966 B).
 const SOURCE_GC: Duration = Duration::from_secs(180);
 /// Hop count of the seqno requests we originate.
@@ -205,6 +207,8 @@ struct Iface {
     cfg: InterfaceConfig,
     hello_seqno: u16,
     hellos_sent: u16,
+    /// When we last asked the whole link for its routes.
+    requested: Instant,
 }
 
 /// A seqno request we sent or forwarded, kept until answered or given up.
@@ -245,8 +249,6 @@ pub struct Router {
     /// updates of one packet are handled; cleared by anything that may
     /// change the cost.
     cost_cache: Option<(u32, u16, Duration)>,
-    /// The destinations each neighbour has an entry for.
-    via: FxMap<u32, FxSet<RouteKey>>,
     /// How many learned destinations have each prefix length (plain
     /// routes), and the source-specific ones, for [`Router::advertises`].
     plain_lens: BTreeMap<u8, u32>,
@@ -282,7 +284,6 @@ impl Router {
             triggered: BTreeSet::new(),
             flush_at: None,
             cost_cache: None,
-            via: FxMap::default(),
             plain_lens: BTreeMap::new(),
             specific: BTreeSet::new(),
             out: BTreeMap::new(),
@@ -321,7 +322,7 @@ impl Router {
             self.remove_interface(now, iface);
         }
         let seqno = (self.next_random() & 0xffff) as u16;
-        self.ifaces.insert(iface, Iface { cfg, hello_seqno: seqno, hellos_sent: 0 });
+        self.ifaces.insert(iface, Iface { cfg, hello_seqno: seqno, hellos_sent: 0, requested: now });
         self.send_hello(now, iface);
         self.queue(iface, Destination::Multicast, Message::RouteReq(RequestTarget::All));
         self.send_full_update(now, iface, Destination::Multicast);
@@ -553,24 +554,31 @@ impl Router {
         self.neighbours.insert(id, Neighbour::new(iface, addr, now));
         self.by_addr.insert((iface, addr), id);
         tracing::debug!(iface, %addr, "new Babel neighbour");
-        // Ask the newcomer for its routes.
-        self.queue(iface, Destination::Unicast(addr), Message::RouteReq(RequestTarget::All));
+        // Ask the newcomer for its routes, unless we just asked the whole
+        // link (a tunnel's one neighbour appears right after the interface:
+        // asking again only doubled the full tables a new tunnel carries).
+        let recent = self
+            .ifaces
+            .get(&iface)
+            .is_some_and(|i| now.saturating_duration_since(i.requested) < i.cfg.hello_interval * 2);
+        if !recent {
+            self.queue(iface, Destination::Unicast(addr), Message::RouteReq(RequestTarget::All));
+        }
         self.schedule_neighbour(id);
         id
     }
 
     /// The destinations for which `nbr` has a route entry.
     fn keys_via(&self, nbr: u32) -> Vec<RouteKey> {
-        self.via.get(&nbr).map(|s| s.iter().copied().collect()).unwrap_or_default()
+        // Nearly every neighbour has an entry for nearly every destination:
+        // a scan of the packed neighbour ids beats an index, which cost a
+        // quarter of the memory at scale.
+        self.routes.iter().filter(|(_, s)| s.position(nbr).is_some()).map(|(k, _)| *k).collect()
     }
 
     /// Removes `nbr`'s entry for `key`; true if there was one.
     fn remove_entry(&mut self, key: &RouteKey, nbr: u32) -> bool {
-        let removed = self.routes.get_mut(key).is_some_and(|slot| slot.remove_nbr(nbr));
-        if removed && let Some(keys) = self.via.get_mut(&nbr) {
-            keys.remove(key);
-        }
-        removed
+        self.routes.get_mut(key).is_some_and(|slot| slot.remove_nbr(nbr))
     }
 
     /// Keeps the prefix-length counts of learned destinations.
@@ -626,7 +634,6 @@ impl Router {
             self.remove_entry(&key, id);
             self.reselect(now, key);
         }
-        self.via.remove(&id);
         for p in self.pending.values_mut() {
             p.to.retain(|t| *t != id);
         }
@@ -656,7 +663,7 @@ impl Router {
         let keys = self.keys_via(id);
         for key in keys {
             let Some(slot) = self.routes.get_mut(&key) else { continue };
-            let Some(i) = slot.entries.iter().position(|e| e.nbr == id) else { continue };
+            let Some(i) = slot.position(id) else { continue };
             let old = slot.entries[i].metric;
             let new = add_metric(cost, slot.entries[i].refmetric);
             slot.entries[i].metric = new;
@@ -832,7 +839,8 @@ impl Router {
         // selected route is feasible).
         if let Some(slot) = self.routes.get_mut(&key)
             && slot.selected.is_some()
-            && let Some(e) = slot.entries.iter_mut().find(|e| e.nbr == nbr)
+            && let Some(i) = slot.position(nbr)
+            && let e = &mut slot.entries[i]
             && e.router_id == router_id
             && e.seqno == seqno
             && e.refmetric == refmetric
@@ -848,7 +856,7 @@ impl Router {
         }
         let slot = self.routes.entry(key).or_default();
         let was_selected_here = slot.selected.is_some_and(|i| slot.entries[i].nbr == nbr);
-        let new_entry = match slot.entries.iter_mut().find(|e| e.nbr == nbr) {
+        match slot.position(nbr).map(|i| &mut slot.entries[i]) {
             Some(e) => {
                 e.router_id = router_id;
                 e.seqno = seqno;
@@ -856,23 +864,16 @@ impl Router {
                 e.metric = metric;
                 e.next_hop = next_hop;
                 e.expires = now + hold;
-                false
             }
-            None => {
-                slot.entries.push(RouteEntry {
-                    nbr,
-                    router_id,
-                    seqno,
-                    refmetric,
-                    metric,
-                    next_hop,
-                    expires: now + hold,
-                });
-                true
-            }
-        };
-        if new_entry {
-            self.via.entry(nbr).or_default().insert(key);
+            None => slot.push(RouteEntry {
+                nbr,
+                router_id,
+                seqno,
+                refmetric,
+                metric,
+                next_hop,
+                expires: now + hold,
+            }),
         }
         self.reselect(now, key);
         // Answer seqno requests this update satisfies.
@@ -1027,13 +1028,21 @@ impl Router {
         let Some(slot) = self.routes.get(&key) else { return };
         let usable =
             |e: &RouteEntry| e.metric < INFINITY && self.feasible(&key, e.router_id, e.seqno, e.refmetric);
-        let best = slot
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| usable(e))
-            .min_by_key(|(_, e)| (e.metric, e.router_id))
-            .map(|(i, _)| i);
+        let best_among = |feasible_only: bool| {
+            slot.entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| if feasible_only { usable(e) } else { e.metric < INFINITY })
+                .min_by_key(|(_, e)| (e.metric, e.router_id))
+                .map(|(i, _)| i)
+        };
+        // The best finite route is nearly always feasible: check that one
+        // first (feasibility is a hash lookup per entry).
+        let best = match best_among(false) {
+            Some(i) if usable(&slot.entries[i]) => Some(i),
+            None => None,
+            Some(_) => best_among(true),
+        };
         let current = slot.selected.filter(|&i| usable(&slot.entries[i]));
         let choice = match (current, best) {
             (Some(c), Some(b)) => {
@@ -1224,8 +1233,13 @@ impl Router {
     /// short delay that lets simultaneous changes share datagrams.
     fn trigger(&mut self, now: Instant, key: RouteKey, urgency: Urgency) {
         self.triggered.insert(key);
-        let cap = if urgency == Urgency::Normal { NORMAL_FLUSH } else { URGENT_FLUSH };
-        let delay = roughly(self.min_hello().min(cap), self.next_random());
+        let delay = match urgency {
+            Urgency::Normal => roughly(self.min_hello().min(NORMAL_FLUSH), self.next_random()),
+            Urgency::Fast => roughly(self.min_hello().min(URGENT_FLUSH), self.next_random()),
+            // Rare and on the critical path of recovery (a route lost, a
+            // seqno asked for): at once.
+            Urgency::Resend => Duration::ZERO,
+        };
         self.flush_at = Some(self.flush_at.map_or(now + delay, |t| t.min(now + delay)));
         if urgency == Urgency::Resend {
             let rid = self.route_id(key);
@@ -1320,7 +1334,8 @@ impl Router {
                         self.reselect(now, key);
                     }
                 }
-                self.schedule(now + EXPIRY_SWEEP, Timer::ExpireRoutes);
+                let u = self.ifaces.values().map(|i| i.cfg.update_interval).min().unwrap_or(EXPIRY_SWEEP);
+                self.schedule(now + (u / 4).clamp(EXPIRY_SWEEP, EXPIRY_SWEEP_MAX), Timer::ExpireRoutes);
             }
             Timer::Urgent(rid) => {
                 let Some(left) = self.urgent.get_mut(&rid) else { return };
@@ -1397,8 +1412,8 @@ enum Urgency {
     Normal,
     /// Within about 100 ms.
     Fast,
-    /// Within about 100 ms, and repeated (retractions, source switches,
-    /// seqno bumps asked for).
+    /// At once, and repeated (retractions, source switches, seqno bumps
+    /// asked for).
     Resend,
 }
 

@@ -256,16 +256,33 @@ impl From<&RouteEntry> for Installed {
 /// All neighbours' routes to one destination, and which one is selected.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Slot {
+    /// Add with [`Slot::push`], remove with [`Slot::remove_nbr`].
     pub entries: Vec<RouteEntry>,
+    /// `entries[i].nbr`, packed: finding a neighbour's entry among twenty
+    /// is the commonest lookup, and scans two cache lines instead of twenty.
+    nbrs: Vec<u32>,
     pub selected: Option<usize>,
     pub installed: Option<Installed>,
 }
 
 impl Slot {
+    /// Where the neighbour's entry is.
+    #[inline]
+    pub fn position(&self, nbr: u32) -> Option<usize> {
+        self.nbrs.iter().position(|&n| n == nbr)
+    }
+
+    /// Adds an entry (for a neighbour that has none yet).
+    pub fn push(&mut self, e: RouteEntry) {
+        self.nbrs.push(e.nbr);
+        self.entries.push(e);
+    }
+
     /// Removes the neighbour's entry; true if there was one.
     pub fn remove_nbr(&mut self, nbr: u32) -> bool {
-        let Some(i) = self.entries.iter().position(|e| e.nbr == nbr) else { return false };
+        let Some(i) = self.position(nbr) else { return false };
         self.entries.swap_remove(i);
+        self.nbrs.swap_remove(i);
         let last = self.entries.len();
         self.selected = match self.selected {
             Some(s) if s == i => None,
