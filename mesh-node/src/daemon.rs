@@ -475,27 +475,27 @@ impl Daemon {
 
     /// Handles the datagrams of the last socket read.
     async fn handle_rx(&mut self, filled: usize) {
-        let rx = std::mem::take(&mut self.rx);
+        let rx = std::mem::replace(&mut self.rx, RxBatch::empty());
+        let now = Instant::now();
         for i in 0..filled.min(rx.meta.len()) {
             let (from, datagrams) = rx.datagrams(i);
             for d in datagrams {
-                self.handle_datagram(d, from).await;
+                self.handle_datagram(d, from, now).await;
             }
         }
         self.rx = rx;
     }
 
-    async fn handle_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
+    async fn handle_datagram(&mut self, datagram: &[u8], from: SocketAddr, now: Instant) {
         self.stats.udp_in += 1;
-        let now = Instant::now();
         if datagram.starts_with(CONTROL_MAGIC) {
             self.handle_control(&datagram[CONTROL_MAGIC.len()..], from).await;
             return;
         }
         // Decrypted data lands in a TUN write buffer, after room for the
         // virtio-net header.
+        // (Resizing without clearing first: only new bytes are zeroed.)
         let mut out = self.pool.pop().unwrap_or_else(|| Vec::with_capacity(TUN_WRITE_CAP));
-        out.clear();
         out.resize(VNET + datagram.len().max(WG_MIN_OUT) + 64, 0);
         self.decrypt(datagram, &mut out, from, now).await;
         if !out.is_empty() && self.pool.len() < 2 * TUN_BATCH {
@@ -1255,7 +1255,7 @@ pub async fn run(
         stats: DataPlaneStats::default(),
         started: now,
         listen_port: cfg.listen_port,
-        rx: RxBatch::default(),
+        rx: RxBatch::with_buffers(),
         tx: TxBatch::default(),
         tun_out: Vec::with_capacity(TUN_BATCH),
         pool: Vec::new(),

@@ -110,18 +110,22 @@ pub struct RxBatch {
     pub meta: Vec<RecvMeta>,
 }
 
-impl Default for RxBatch {
-    fn default() -> Self {
+impl RxBatch {
+    /// Buffers for one `recvmmsg` (about 1 MB).
+    pub fn with_buffers() -> Self {
         RxBatch { bufs: vec![vec![0; RX_BUF]; RX_BATCH], meta: vec![RecvMeta::default(); RX_BATCH] }
     }
-}
 
-impl RxBatch {
+    /// No buffers (a placeholder while the real ones are lent out).
+    pub fn empty() -> Self {
+        RxBatch { bufs: Vec::new(), meta: Vec::new() }
+    }
+
     /// The datagrams of buffer `i`: its source, and each datagram (GRO
     /// packs several of one size, the last maybe shorter).
     pub fn datagrams(&self, i: usize) -> (SocketAddr, std::slice::Chunks<'_, u8>) {
         let m = &self.meta[i];
-        let data = &self.bufs[i][..m.len.min(RX_BUF)];
+        let data = &self.bufs[i][..m.len.min(self.bufs[i].len())];
         let stride = if m.stride == 0 { data.len().max(1) } else { m.stride };
         (m.addr, data.chunks(stride))
     }
@@ -211,6 +215,20 @@ mod tests {
         assert_eq!((to, bytes.len(), seg), (a, 360, 100));
         assert!(t.take().is_none());
         assert!(t.room(b, 1400, 148, 64).is_some());
+    }
+
+    #[test]
+    fn gro_buffers_split_at_the_stride() {
+        let mut rx = RxBatch::with_buffers();
+        rx.meta[0].len = 2500;
+        rx.meta[0].stride = 1000;
+        rx.meta[1].len = 70;
+        rx.meta[1].stride = 0;
+        let sizes: Vec<usize> = rx.datagrams(0).1.map(<[u8]>::len).collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        assert_eq!(rx.datagrams(1).1.map(<[u8]>::len).collect::<Vec<_>>(), [70]);
+        rx.meta[2].len = RX_BUF + 10;
+        assert_eq!(rx.datagrams(2).1.map(<[u8]>::len).sum::<usize>(), RX_BUF);
     }
 
     #[test]
