@@ -35,7 +35,7 @@ impl Udp {
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         let _ = state.set_recv_buffer_size(UdpSockRef::from(&sock), SOCK_BUF);
         let _ = state.set_send_buffer_size(UdpSockRef::from(&sock), SOCK_BUF);
-        allow_fragmentation(&sock);
+        undo_quic_options(&sock);
         Ok(Udp { sock, state })
     }
 
@@ -79,9 +79,10 @@ impl Udp {
     }
 }
 
-/// Undoes quinn-udp's "never fragment" settings: the kernel defaults
-/// (path-MTU discovery, fragment when the path needs it).
-fn allow_fragmentation(sock: &UdpSocket) {
+/// Undoes what quinn-udp sets for QUIC and the tunnels do not want: "never
+/// fragment" (back to path-MTU discovery, fragmenting when the path needs
+/// it) and receive timestamps (which make the kernel timestamp every packet).
+fn undo_quic_options(sock: &UdpSocket) {
     use std::os::fd::AsRawFd;
     let fd = sock.as_raw_fd();
     let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
@@ -102,6 +103,7 @@ fn allow_fragmentation(sock: &UdpSocket) {
     set(libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_WANT);
     set(libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0);
     set(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_WANT);
+    set(libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 0);
 }
 
 /// Receive buffers and what `recvmmsg` said about each.
