@@ -153,7 +153,15 @@ struct PeerSession {
 /// Counters for `sixmesh status`.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct DataPlaneStats {
+    /// Datagrams received.
     pub udp_in: u64,
+    /// Socket reads that brought them (`recvmmsg`, GRO): the batching.
+    pub udp_reads: u64,
+    /// Tunnel datagrams sent, and the sends that carried them (GSO).
+    pub udp_out: u64,
+    pub udp_sends: u64,
+    /// TUN reads (each a packet, or a super-packet with offloads).
+    pub tun_reads: u64,
     pub certs_accepted: u64,
     pub certs_refused: u64,
     pub udp_bad: u64,
@@ -436,6 +444,8 @@ impl Daemon {
     /// Sends the GSO batch.
     async fn flush_udp(&mut self) {
         if let Some((to, bytes, segment)) = self.tx.take() {
+            self.stats.udp_sends += 1;
+            self.stats.udp_out += bytes.len().div_ceil(segment.max(1)) as u64;
             self.udp.send(to, bytes, Some(segment)).await;
         }
     }
@@ -464,6 +474,7 @@ impl Daemon {
     /// Routes and encrypts the packets of one TUN read.
     async fn handle_tun_read(&mut self, segs: &mut [Vec<u8>], lens: &[usize]) {
         let now = Instant::now();
+        self.stats.tun_reads += 1;
         for (b, &n) in segs.iter_mut().zip(lens) {
             self.stats.tun_in += 1;
             let Some(p) = b.get_mut(..n) else { continue };
@@ -477,6 +488,7 @@ impl Daemon {
     async fn handle_rx(&mut self, filled: usize) {
         let rx = std::mem::replace(&mut self.rx, RxBatch::empty());
         let now = Instant::now();
+        self.stats.udp_reads += 1;
         for i in 0..filled.min(rx.meta.len()) {
             let (from, datagrams) = rx.datagrams(i);
             for d in datagrams {
