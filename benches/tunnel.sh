@@ -4,6 +4,7 @@
 # Reports the median of RUNS runs of SECS seconds each, and sixmesh's ratio to each.
 #
 #   sudo benches/tunnel.sh            # RUNS=3 SECS=8 by default; needs root
+#   sudo LEGS="raw sixmesh" benches/tunnel.sh   # only some paths (the others print 0)
 #
 # Installs nothing: apt-get install -y iperf3 wireguard-go wireguard-tools yggdrasil iproute2
 # (./scripts/test installs them). Builds `sixmesh` in release mode if needed.
@@ -11,6 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 SECS=${SECS:-8}
+LEGS=${LEGS:-raw wg ygg sixmesh}
+leg() { [[ " $LEGS " == *" $1 "* ]]; }
+RAW=0 WG=0 YGG=0 SIX=0
 for c in iperf3 wireguard-go wg yggdrasil python3 ip; do
     command -v "$c" >/dev/null || { echo "benches/tunnel.sh: $c is missing: apt-get install -y iperf3 wireguard-go wireguard-tools yggdrasil" >&2; exit 1; }
 done
@@ -55,9 +59,12 @@ wait_ping() { # ns dst
     echo "benches/tunnel.sh: no answer from $2" >&2; return 1
 }
 
+if leg raw; then
 echo "raw veth..." >&2
 RAW=$(measure fd00:1::2)
+fi
 
+if leg wg; then
 echo "wireguard-go..." >&2
 for n in A B; do wg genkey > "$T/wg$n.key"; wg pubkey < "$T/wg$n.key" > "$T/wg$n.pub"; done
 i=1
@@ -77,7 +84,9 @@ done
 wait_ping A fd00:2::2
 WG=$(measure fd00:2::2)
 for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; PIDS=(); sleep 1
+fi
 
+if leg ygg; then
 echo "yggdrasil..." >&2
 for n in A B; do
     yggdrasil -genconf -json > "$T/ygg$n.gen.json"
@@ -97,7 +106,9 @@ YB=$(yggdrasil -useconffile "$T/yggB.json" -address)
 wait_ping A "$YB"
 YGG=$(measure "$YB")
 for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; PIDS=(); sleep 1.5
+fi
 
+if leg sixmesh; then
 echo "sixmesh..." >&2
 ns A "$B" registry init --state-dir "$T/reg" --network fd5e:be::/48 > "$T/init.out" 2>/dev/null
 FP=$(grep -o 'sha256:[0-9a-f]*' "$T/init.out" | head -1)
@@ -116,6 +127,7 @@ done
 MB=$(python3 -c "import ipaddress,sys; print(ipaddress.IPv6Network(open('$T/B/prefix').read().strip())[1])")
 wait_ping A "$MB"
 SIX=$(measure "$MB")
+fi
 
 python3 - "$RAW" "$WG" "$YGG" "$SIX" "$RUNS" "$SECS" <<'PY'
 import sys

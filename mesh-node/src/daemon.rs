@@ -2,6 +2,12 @@
 //! WireGuard session (boringtun `noise::Tunn`) per peer, and the sans-IO
 //! [`NodeCore`] deciding everything else. A thin tokio loop.
 //!
+//! The data path works in batches: a TUN read with offloads brings a TCP
+//! super-packet of up to 64 KB, split into MTU-sized packets that are
+//! encrypted back to back into one buffer and leave in one UDP GSO send;
+//! a socket read (`recvmmsg`, UDP GRO) brings many datagrams, decrypted
+//! into buffers that tun-rs coalesces into few TUN writes.
+//!
 //! Datagrams on the socket are WireGuard messages (types 1–4); a
 //! handshake from an unknown key is dropped. Peers are known by the tunnel
 //! key their certificate binds (or that the configuration names, for plain
@@ -24,7 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::manager::{Action, PeerId};
-use crate::node::{NodeConfig, NodeCore, NodeEvent, Output};
+use crate::node::{NodeConfig, NodeCore, NodeEvent, Output, Verdict};
+use crate::udp::{RxBatch, TxBatch, Udp};
 
 /// Default UDP port of the tunnels (the network config may set another).
 pub const DEFAULT_PORT: u16 = 51820;
@@ -39,8 +46,20 @@ const MAX_KNOWN_KEYS: usize = 4096;
 pub const OVERHEAD: usize = 80;
 /// MTU of the TUN device: inner packets fit a 1500-byte underlay.
 pub const TUN_MTU: u16 = 1420;
-/// Packets handled per wake-up before looking at the other sources.
-const BATCH: usize = 64;
+/// Socket or TUN reads per wake-up before looking at the other sources.
+const BATCH: usize = 8;
+/// Packets one TUN read may split into (a 64 KB super-packet in MTU-sized
+/// segments), and packets gathered before a TUN write.
+const TUN_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
+/// Room before each packet written to the TUN, for the virtio-net header.
+const VNET: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+/// Capacity of a TUN write buffer: the packets coalesced into it grow it up
+/// to 64 KB (tun-rs does not coalesce into a smaller buffer).
+const TUN_WRITE_CAP: usize = 2 * VNET + 65535;
+/// WireGuard's data-message overhead: header (16) and tag (16).
+const WG_DATA: usize = 32;
+/// Output space boringtun needs at least (a handshake initiation).
+const WG_MIN_OUT: usize = 148;
 /// Handshakes per second accepted before cookies are required.
 const HANDSHAKE_RATE: u64 = 100;
 
@@ -134,7 +153,15 @@ struct PeerSession {
 /// Counters for `sixmesh status`.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct DataPlaneStats {
+    /// Datagrams received.
     pub udp_in: u64,
+    /// Socket reads that brought them (`recvmmsg`, GRO): the batching.
+    pub udp_reads: u64,
+    /// Tunnel datagrams sent, and the sends that carried them (GSO).
+    pub udp_out: u64,
+    pub udp_sends: u64,
+    /// TUN reads (each a packet, or a super-packet with offloads).
+    pub tun_reads: u64,
     pub certs_accepted: u64,
     pub certs_refused: u64,
     pub udp_bad: u64,
@@ -312,7 +339,7 @@ struct Daemon {
     secret: StaticSecret,
     public: PublicKey,
     limiter: Arc<RateLimiter>,
-    sock: Arc<UdpSocket>,
+    udp: Udp,
     tun: tun_rs::AsyncDevice,
     sessions: BTreeMap<PeerId, PeerSession>,
     by_index: HashMap<u32, PeerId>,
@@ -337,11 +364,16 @@ struct Daemon {
     stats: DataPlaneStats,
     started: Instant,
     listen_port: u16,
-    buf: Vec<u8>,
-    /// Encryption output, reused for every packet.
-    scratch: Vec<u8>,
-    /// Decryption output, reused for every packet.
-    scratch_in: Vec<u8>,
+    /// Datagrams read from the socket.
+    rx: RxBatch,
+    /// Encrypted datagrams waiting for one GSO send.
+    tx: TxBatch,
+    /// Decrypted packets waiting for one TUN write (each after `VNET`
+    /// bytes of room), coalesced by `gro` when the TUN has offloads.
+    tun_out: Vec<Vec<u8>>,
+    /// Spare buffers for `tun_out`.
+    pool: Vec<Vec<u8>>,
+    gro: tun_rs::GROTable,
 }
 
 impl Daemon {
@@ -376,47 +408,117 @@ impl Daemon {
     }
 
     async fn send_to(&self, data: &[u8], to: SocketAddr) {
-        if let Err(e) = self.sock.send_to(data, to).await {
+        if let Err(e) = self.udp.sock.send_to(data, to).await {
             tracing::debug!(%to, "udp send: {e}");
         }
     }
 
-    /// Encrypts an inner packet for `peer` and sends it.
+    /// Encrypts an inner packet for `peer` into the GSO batch (sending the
+    /// batch first when this datagram cannot join it).
     async fn send_to_peer(&mut self, peer: PeerId, packet: &[u8]) {
-        let need = packet.len() + 148;
-        if self.scratch.len() < need {
-            self.scratch.resize(need, 0);
+        let Some(ep) = self.sessions.get(&peer).and_then(|s| s.endpoint) else { return };
+        let max = packet.len() + WG_DATA;
+        let segments = self.udp.max_segments();
+        if self.tx.room(ep, max, WG_MIN_OUT, segments).is_none() {
+            self.flush_udp().await;
         }
-        let Some(s) = self.sessions.get_mut(&peer) else { return };
-        let Some(ep) = s.endpoint else { return };
-        if let TunnResult::WriteToNetwork(b) = s.tunn.encapsulate(packet, &mut self.scratch)
-            && let Err(e) = self.sock.send_to(b, ep).await
-        {
-            tracing::debug!(to = %ep, "udp send: {e}");
+        let (Some(s), Some(room)) =
+            (self.sessions.get_mut(&peer), self.tx.room(ep, max, WG_MIN_OUT, segments))
+        else {
+            return;
+        };
+        match s.tunn.encapsulate(packet, room) {
+            TunnResult::WriteToNetwork(b) if b.len() == max && b.first() == Some(&4) => {
+                self.tx.commit(ep, max)
+            }
+            TunnResult::WriteToNetwork(b) => {
+                // No session yet: boringtun queued the packet and wrote a
+                // handshake initiation instead; it goes alone.
+                let init = b.to_vec();
+                self.send_to(&init, ep).await;
+            }
+            _ => {}
         }
     }
 
-    /// Handles the datagram in `self.buf[..n]`, with no allocation for the
-    /// common case (the buffers are lent to the handler and put back).
-    async fn handle_udp(&mut self, n: usize, from: SocketAddr) {
-        let buf = std::mem::take(&mut self.buf);
-        let mut out = std::mem::take(&mut self.scratch_in);
-        if out.len() < n.max(148) + 64 {
-            out.resize(n.max(148) + 64, 0);
+    /// Sends the GSO batch.
+    async fn flush_udp(&mut self) {
+        if let Some((to, bytes, segment)) = self.tx.take() {
+            self.stats.udp_sends += 1;
+            self.stats.udp_out += bytes.len().div_ceil(segment.max(1)) as u64;
+            self.udp.send(to, bytes, Some(segment)).await;
         }
-        self.handle_datagram(&buf[..n], &mut out, from).await;
-        self.buf = buf;
-        self.scratch_in = out;
     }
 
-    async fn handle_datagram(&mut self, datagram: &[u8], out: &mut [u8], from: SocketAddr) {
-        self.stats.udp_in += 1;
+    /// Writes the decrypted packets gathered for the TUN, coalesced.
+    async fn flush_tun(&mut self) {
+        if self.tun_out.is_empty() {
+            return;
+        }
+        self.stats.tun_out += self.tun_out.len() as u64;
+        if let Err(e) = self.tun.send_multiple(&mut self.gro, &mut self.tun_out, VNET).await {
+            tracing::debug!("tun write: {e}");
+        }
+        let keep = (2 * TUN_BATCH).saturating_sub(self.pool.len());
+        self.pool.extend(self.tun_out.drain(..).take(keep));
+    }
+
+    /// Queues a packet for the TUN (`b` holds it after `VNET` bytes).
+    async fn queue_for_tun(&mut self, b: Vec<u8>) {
+        self.tun_out.push(b);
+        if self.tun_out.len() >= TUN_BATCH {
+            self.flush_tun().await;
+        }
+    }
+
+    /// Routes and encrypts the packets of one TUN read.
+    async fn handle_tun_read(&mut self, segs: &mut [Vec<u8>], lens: &[usize]) {
         let now = Instant::now();
+        self.stats.tun_reads += 1;
+        for (b, &n) in segs.iter_mut().zip(lens) {
+            self.stats.tun_in += 1;
+            let Some(p) = b.get_mut(..n) else { continue };
+            if let Verdict::Tunnel(peer) = self.core.route_from_tun(now, p) {
+                self.send_to_peer(peer, p).await;
+            }
+        }
+    }
+
+    /// Handles the datagrams of the last socket read.
+    async fn handle_rx(&mut self, filled: usize) {
+        let rx = std::mem::replace(&mut self.rx, RxBatch::empty());
+        let now = Instant::now();
+        self.stats.udp_reads += 1;
+        for i in 0..filled.min(rx.meta.len()) {
+            let (from, datagrams) = rx.datagrams(i);
+            for d in datagrams {
+                self.handle_datagram(d, from, now).await;
+            }
+        }
+        self.rx = rx;
+    }
+
+    async fn handle_datagram(&mut self, datagram: &[u8], from: SocketAddr, now: Instant) {
+        self.stats.udp_in += 1;
         if datagram.starts_with(CONTROL_MAGIC) {
             self.handle_control(&datagram[CONTROL_MAGIC.len()..], from).await;
             return;
         }
-        let packet = match self.limiter.verify_packet(Some(from.ip()), datagram, out) {
+        // Decrypted data lands in a TUN write buffer, after room for the
+        // virtio-net header.
+        // (Resizing without clearing first: only new bytes are zeroed.)
+        let mut out = self.pool.pop().unwrap_or_else(|| Vec::with_capacity(TUN_WRITE_CAP));
+        out.resize(VNET + datagram.len().max(WG_MIN_OUT) + 64, 0);
+        self.decrypt(datagram, &mut out, from, now).await;
+        if !out.is_empty() && self.pool.len() < 2 * TUN_BATCH {
+            self.pool.push(out);
+        }
+    }
+
+    /// Handles a WireGuard message; a data packet for this machine moves
+    /// out of `out` (left empty) into the TUN batch.
+    async fn decrypt(&mut self, datagram: &[u8], out: &mut Vec<u8>, from: SocketAddr, now: Instant) {
+        let packet = match self.limiter.verify_packet(Some(from.ip()), datagram, &mut out[VNET..]) {
             Ok(p) => p,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 let c = cookie.to_vec();
@@ -465,7 +567,8 @@ impl Daemon {
                 }
             },
         };
-        let mut inner: Vec<Vec<u8>> = Vec::new();
+        let is_data = matches!(packet, Packet::PacketData(_));
+        let mut inner = None;
         let mut replies: Vec<Vec<u8>> = Vec::new();
         let mut became_up = false;
         let mut fixed = false;
@@ -474,12 +577,12 @@ impl Daemon {
             let mut first = true;
             loop {
                 let src: &[u8] = if first { datagram } else { &[] };
-                let r = s.tunn.decapsulate(Some(from.ip()), src, out);
+                let r = s.tunn.decapsulate(Some(from.ip()), src, &mut out[VNET..]);
                 first = false;
                 match r {
                     TunnResult::WriteToNetwork(b) => replies.push(b.to_vec()),
                     TunnResult::WriteToTunnelV6(b, _) => {
-                        inner.push(b.to_vec());
+                        inner = Some(b.len());
                         break;
                     }
                     TunnResult::WriteToTunnelV4(..) => break,
@@ -490,8 +593,10 @@ impl Daemon {
                     }
                 }
             }
-            // Authenticated traffic tells where the peer is now (roaming).
-            if s.tunn.stats().0.is_some() {
+            // Authenticated traffic tells where the peer is now (roaming): a
+            // data message that decrypted, or a handshake that completed.
+            let authenticated = if is_data { inner.is_some() } else { s.tunn.stats().0.is_some() };
+            if authenticated {
                 s.endpoint = Some(from);
                 if !s.up {
                     s.up = true;
@@ -514,8 +619,12 @@ impl Daemon {
                 self.core.send_gossip(peer, &v);
             }
         }
-        for p in inner {
-            self.core.from_tunnel(now, peer, p);
+        let Some(n) = inner else { return };
+        out.truncate(VNET + n);
+        match self.core.route_from_tunnel(now, peer, &mut out[VNET..]) {
+            Verdict::Tun => self.queue_for_tun(std::mem::take(out)).await,
+            Verdict::Tunnel(next) => self.send_to_peer(next, &out[VNET..]).await,
+            Verdict::Dropped | Verdict::Taken => {}
         }
     }
 
@@ -800,10 +909,9 @@ impl Daemon {
             match o {
                 Output::ToTunnel { peer, packet } => self.send_to_peer(peer, &packet).await,
                 Output::ToTun(p) => {
-                    self.stats.tun_out += 1;
-                    if let Err(e) = self.tun.send(&p).await {
-                        tracing::debug!("tun write: {e}");
-                    }
+                    let mut b = vec![0u8; VNET];
+                    b.extend(p);
+                    self.queue_for_tun(b).await;
                 }
             }
         }
@@ -843,6 +951,8 @@ impl Daemon {
                 NodeEvent::Route { .. } => {}
             }
         }
+        self.flush_udp().await;
+        self.flush_tun().await;
     }
 
     /// boringtun's timers (keepalives, rekeys, expiry), every 250 ms.
@@ -1106,17 +1216,25 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let prefix = cfg.node.prefix;
     let network = cfg.node.network;
-    let tun = tun_rs::DeviceBuilder::new()
-        .name(&cfg.tun_name)
-        .mtu(TUN_MTU)
-        .build_async()
-        .map_err(|source| DaemonError::Tun { name: cfg.tun_name.clone(), source })?;
+    // Offloads (virtio-net header): the kernel hands over TCP super-packets
+    // of up to 64 KB and takes coalesced ones.
+    let build = |offload: bool| {
+        tun_rs::DeviceBuilder::new().name(&cfg.tun_name).mtu(TUN_MTU).offload(offload).build_async()
+    };
+    let tun = match build(true) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::info!("TUN offloads unavailable ({e}): one packet per read");
+            build(false).map_err(|source| DaemonError::Tun { name: cfg.tun_name.clone(), source })?
+        }
+    };
     setup_kernel(&cfg.tun_name, prefix, network).await?;
+    let sock_err = |source| DaemonError::Socket { port: cfg.listen_port, source };
     let std_sock = std::net::UdpSocket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, cfg.listen_port)))
-        .map_err(|source| DaemonError::Socket { port: cfg.listen_port, source })?;
-    std_sock.set_nonblocking(true).map_err(|source| DaemonError::Socket { port: cfg.listen_port, source })?;
-    let sock = UdpSocket::from_std(std_sock)
-        .map_err(|source| DaemonError::Socket { port: cfg.listen_port, source })?;
+        .map_err(sock_err)?;
+    std_sock.set_nonblocking(true).map_err(sock_err)?;
+    let udp = Udp::new(UdpSocket::from_std(std_sock).map_err(sock_err)?).map_err(sock_err)?;
+    tracing::debug!(tun_offload = tun.tcp_gso(), udp_gso_segments = udp.max_segments(), "data path offloads");
 
     let now = Instant::now();
     let public = PublicKey::from(&cfg.tunnel_secret);
@@ -1127,7 +1245,7 @@ pub async fn run(
         limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE)),
         secret: cfg.tunnel_secret,
         public,
-        sock: Arc::new(sock),
+        udp,
         tun,
         sessions: BTreeMap::new(),
         by_index: HashMap::new(),
@@ -1149,9 +1267,11 @@ pub async fn run(
         stats: DataPlaneStats::default(),
         started: now,
         listen_port: cfg.listen_port,
-        buf: vec![0u8; 65536],
-        scratch: vec![0u8; 65536 + 148],
-        scratch_in: vec![0u8; 65536 + 148],
+        rx: RxBatch::with_buffers(),
+        tx: TxBatch::default(),
+        tun_out: Vec::with_capacity(TUN_BATCH),
+        pool: Vec::new(),
+        gro: tun_rs::GROTable::new(),
     };
     let mut known = cfg.known_peers.clone();
     if let Some(dir) = &cfg.state_dir {
@@ -1213,7 +1333,11 @@ pub async fn run(
 
     let mut wg_tick = tokio::time::interval(Duration::from_millis(250));
     let mut limiter_tick = tokio::time::interval(Duration::from_secs(1));
-    let mut tun_buf = vec![0u8; 65536];
+    // One TUN read: a super-packet of up to 64 KB with offloads, split into
+    // `segs` (sizes in `seg_len`).
+    let mut tun_buf = vec![0u8; VNET + 65535];
+    let mut segs = vec![vec![0u8; 1500]; TUN_BATCH];
+    let mut seg_len = vec![0usize; TUN_BATCH];
     let mut cache_tick = tokio::time::interval(Duration::from_secs(30));
     if let Some(dir) = &cfg.state_dir {
         spawn_registry_loop(
@@ -1229,32 +1353,34 @@ pub async fn run(
         let deadline = d.core.poll_timeout();
         tokio::select! {
             _ = &mut shutdown => break,
-            r = d.sock.recv_from(&mut d.buf) => match r {
-                Ok((n, from)) => {
-                    d.handle_udp(n, from).await;
-                    // Drain what else is queued before going back to select!.
+            r = d.udp.sock.readable() => match r {
+                Ok(()) => {
+                    // Drain what is queued (a few reads) before going back to select!.
                     for _ in 0..BATCH {
-                        let Ok((n, from)) = d.sock.try_recv_from(&mut d.buf) else { break };
-                        d.handle_udp(n, from).await;
-                        d.pump().await;
+                        match d.udp.try_recv(&mut d.rx) {
+                            Ok(n) => d.handle_rx(n).await,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(e) => {
+                                tracing::debug!("udp recv: {e}");
+                                break;
+                            }
+                        }
                     }
                 }
                 Err(e) => tracing::debug!("udp recv: {e}"),
             },
-            r = d.tun.recv(&mut tun_buf) => match r {
-                Ok(n) => {
-                    d.stats.tun_in += 1;
-                    let now = Instant::now();
-                    d.core.from_tun(now, tun_buf[..n].to_vec());
-                    for _ in 0..BATCH {
-                        let Ok(n) = d.tun.try_recv(&mut tun_buf) else { break };
-                        d.stats.tun_in += 1;
-                        d.core.from_tun(now, tun_buf[..n].to_vec());
-                        d.pump().await;
+            r = d.tun.recv_multiple(&mut tun_buf, &mut segs, &mut seg_len, 0) => {
+                let mut r = r;
+                for _ in 0..BATCH {
+                    match r {
+                        Ok(n) => d.handle_tun_read(&mut segs[..n], &seg_len[..n]).await,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        // A malformed super-packet: drop it, read on.
+                        Err(e) => tracing::debug!("tun read: {e}"),
                     }
+                    r = d.tun.try_recv_multiple(&mut tun_buf, &mut segs, &mut seg_len, 0);
                 }
-                Err(e) => tracing::debug!("tun read: {e}"),
-            },
+            }
             _ = tokio::time::sleep_until(deadline.into()) => d.core.handle_timeout(Instant::now()),
             _ = wg_tick.tick() => d.wg_timers().await,
             _ = limiter_tick.tick() => d.limiter.reset_count(),
@@ -1333,5 +1459,79 @@ async fn serve_control(l: UnixListener, tx: mpsc::Sender<ControlMsg>) {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// An IPv6/TCP packet of one flow, with the fields a peer controls.
+    fn tcp6(seq: u32, flags: u8, data_off: u8, payload: usize, hop: u8) -> Vec<u8> {
+        let tcp_len = 20 + payload;
+        let mut p = vec![0u8; 40 + tcp_len];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+        p[6] = 6;
+        p[7] = hop;
+        p[8] = 0xfd;
+        p[24] = 0xfd;
+        p[39] = 1;
+        p[40 + 4..40 + 8].copy_from_slice(&seq.to_be_bytes());
+        p[40 + 12] = data_off;
+        p[40 + 13] = flags;
+        // A valid checksum, or tun-rs would not even try to coalesce.
+        let mut sum: u32 = u32::from(6u16) + tcp_len as u32;
+        for c in p[8..].chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        p[40 + 16..40 + 18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        p
+    }
+
+    proptest! {
+        /// What an allowed peer sends goes through tun-rs's GRO before the
+        /// TUN write: whatever its headers say, that must not panic.
+        #[test]
+        fn tun_coalescing_never_panics_on_what_a_peer_sends(
+            pkts in proptest::collection::vec(
+                (0u32..5_000, any::<u8>(), prop_oneof![Just(0x50u8), any::<u8>()], 0usize..1400, 1u8..3, any::<bool>()),
+                1..12,
+            )
+        ) {
+            let mut bufs: Vec<Vec<u8>> = pkts
+                .iter()
+                .map(|&(seq, flags, off, len, hop, ack)| {
+                    let flags = if ack { 0x10 } else { flags };
+                    let mut b = Vec::with_capacity(TUN_WRITE_CAP);
+                    b.resize(VNET, 0);
+                    b.extend(tcp6(seq, flags, off, len, hop));
+                    b
+                })
+                .collect();
+            let mut gro = tun_rs::GROTable::new();
+            let _ = gro.apply_gro(&mut bufs, VNET, false);
+        }
+
+        /// Consecutive segments of one flow do coalesce (the reason for the
+        /// 64 KB buffers).
+        #[test]
+        fn consecutive_segments_coalesce(n in 2usize..40) {
+            let mut bufs: Vec<Vec<u8>> = (0..n)
+                .map(|i| {
+                    let mut b = Vec::with_capacity(TUN_WRITE_CAP);
+                    b.resize(VNET, 0);
+                    b.extend(tcp6(1000 + 1340 * i as u32, 0x10, 0x50, 1340, 64));
+                    b
+                })
+                .collect();
+            let mut gro = tun_rs::GROTable::new();
+            gro.apply_gro(&mut bufs, VNET, false).unwrap();
+            prop_assert_eq!(bufs[0].len(), VNET + 60 + 1340 * n);
+        }
     }
 }

@@ -21,6 +21,7 @@ pub mod manager;
 pub mod node;
 pub mod packet;
 pub mod peerdb;
+pub mod udp;
 
 /// Default name of the node's TUN device.
 pub const DEFAULT_TUN_NAME: &str = "sixmesh0";

@@ -85,6 +85,19 @@ pub enum Output {
     ToTun(Vec<u8>),
 }
 
+/// Where a data packet goes (see [`NodeCore::route_from_tunnel`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Into the tunnel to this peer.
+    Tunnel(PeerId),
+    /// To this machine (the TUN device).
+    Tun,
+    /// Dropped (and counted).
+    Dropped,
+    /// A control packet (Babel, gossip) the core consumed.
+    Taken,
+}
+
 /// Something the driver should know or act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeEvent {
@@ -290,63 +303,85 @@ impl NodeCore {
     }
 
     /// A packet the machine sent into the mesh (read from the TUN device).
-    pub fn from_tun(&mut self, now: Instant, packet: Vec<u8>) {
-        let h = match packet::parse_ipv6(&packet) {
+    pub fn from_tun(&mut self, now: Instant, mut packet: Vec<u8>) {
+        if let Verdict::Tunnel(peer) = self.route_from_tun(now, &mut packet) {
+            self.outputs.push_back(Output::ToTunnel { peer, packet });
+        }
+    }
+
+    /// A decrypted packet that arrived in the tunnel from `peer`.
+    pub fn from_tunnel(&mut self, now: Instant, peer: PeerId, mut packet: Vec<u8>) {
+        match self.route_from_tunnel(now, peer, &mut packet) {
+            Verdict::Tunnel(next) => self.outputs.push_back(Output::ToTunnel { peer: next, packet }),
+            Verdict::Tun => self.outputs.push_back(Output::ToTun(packet)),
+            Verdict::Dropped | Verdict::Taken => {}
+        }
+    }
+
+    /// [`NodeCore::from_tun`] without taking the packet: says where it goes
+    /// (the hop limit already decremented in place), so that the driver
+    /// encrypts it straight from its read buffer.
+    pub fn route_from_tun(&mut self, _now: Instant, packet: &mut [u8]) -> Verdict {
+        let h = match packet::parse_ipv6(packet) {
             Ok(h) => h,
             Err(_) => {
                 self.drops.not_ipv6 += 1;
-                return;
+                return Verdict::Dropped;
             }
         };
         if self.cfg.prefix.contains(&h.dst) {
             // Our own prefix is the kernel's business: sending it back to the
             // TUN would loop.
             self.drops.no_route += 1;
-            return;
+            return Verdict::Dropped;
         }
-        self.forward(now, h, packet);
+        self.forward(h, packet)
     }
 
-    /// A decrypted packet that arrived in the tunnel from `peer`.
-    pub fn from_tunnel(&mut self, now: Instant, peer: PeerId, packet: Vec<u8>) {
+    /// [`NodeCore::from_tunnel`] without taking the packet. Babel and
+    /// gossip are handled here ([`Verdict::Taken`]); data is checked
+    /// against what `peer` may send from, then goes to the TUN or, hop limit
+    /// decremented in place, to another tunnel.
+    pub fn route_from_tunnel(&mut self, now: Instant, peer: PeerId, packet: &mut [u8]) -> Verdict {
         let Some(t) = self.tunnels.get_mut(&peer) else {
             self.drops.no_tunnel += 1;
-            return;
+            return Verdict::Dropped;
         };
         t.counters.rx_packets += 1;
         t.counters.rx_bytes += packet.len() as u64;
         t.last_rx = now;
         let id = t.id;
-        let h = match packet::parse_ipv6(&packet) {
+        let h = match packet::parse_ipv6(packet) {
             Ok(h) => h,
             Err(_) => {
                 self.drops.not_ipv6 += 1;
-                return;
+                return Verdict::Dropped;
             }
         };
-        // Gossip from the neighbour itself, link-local.
-        if is_link_local(&h.src)
-            && h.dst == self.ll
-            && let Some(payload) = packet::udp_payload(&packet, &h, GOSSIP_PORT)
-        {
-            if packet::udp_checksum_ok(&packet, &h) {
-                self.events.push_back(NodeEvent::Gossip { peer, payload: payload.to_vec() });
-            } else {
-                self.drops.not_ipv6 += 1;
-            }
-            return;
-        }
-        // Babel, link-local, inside this tunnel.
-        if is_link_local(&h.src) && (h.dst == BABEL_GROUP || h.dst == self.ll) {
-            if let Some(payload) = packet::udp_payload(&packet, &h, BABEL_PORT)
-                && packet::udp_checksum_ok(&packet, &h)
+        if is_link_local(&h.src) {
+            // Gossip from the neighbour itself, link-local.
+            if h.dst == self.ll
+                && let Some(payload) = packet::udp_payload(packet, &h, GOSSIP_PORT)
             {
-                self.router.handle_packet(now, id, h.src, payload);
-                self.pump(now);
-            } else {
+                if packet::udp_checksum_ok(packet, &h) {
+                    self.events.push_back(NodeEvent::Gossip { peer, payload: payload.to_vec() });
+                    return Verdict::Taken;
+                }
                 self.drops.not_ipv6 += 1;
+                return Verdict::Dropped;
             }
-            return;
+            // Babel, link-local, inside this tunnel.
+            if h.dst == BABEL_GROUP || h.dst == self.ll {
+                if let Some(payload) = packet::udp_payload(packet, &h, BABEL_PORT)
+                    && packet::udp_checksum_ok(packet, &h)
+                {
+                    self.router.handle_packet(now, id, h.src, payload);
+                    self.pump(now);
+                    return Verdict::Taken;
+                }
+                self.drops.not_ipv6 += 1;
+                return Verdict::Dropped;
+            }
         }
         // Data: the peer may only send from its own prefix and from what it
         // advertises to us in Babel (WireGuard's allowed-IPs, fed by Babel).
@@ -355,39 +390,46 @@ impl NodeCore {
         if !allowed || !self.cfg.network.contains(&h.src) {
             tracing::debug!(%peer, src = %h.src, dst = %h.dst, "dropped: source not allowed from this peer");
             self.drops.bad_source += 1;
-            return;
+            return Verdict::Dropped;
         }
         if self.cfg.prefix.contains(&h.dst) {
-            self.outputs.push_back(Output::ToTun(packet));
-            return;
+            return Verdict::Tun;
         }
-        self.forward(now, h, packet);
+        self.forward(h, packet)
     }
 
-    fn forward(&mut self, _now: Instant, h: Ipv6Header, mut packet: Vec<u8>) {
+    fn forward(&mut self, h: Ipv6Header, packet: &mut [u8]) -> Verdict {
         if !self.cfg.network.contains(&h.dst) {
             self.drops.no_route += 1;
-            return;
+            return Verdict::Dropped;
         }
         let Some(peer) = self.fib.lookup(h.dst).copied() else {
             self.drops.no_route += 1;
-            return;
+            return Verdict::Dropped;
         };
-        if !packet::decrement_hop_limit(&mut packet) {
+        if !packet::decrement_hop_limit(packet) {
             self.drops.hop_limit += 1;
-            return;
+            return Verdict::Dropped;
         }
-        self.send(peer, packet);
+        if self.count_tx(peer, packet.len()) { Verdict::Tunnel(peer) } else { Verdict::Dropped }
+    }
+
+    /// Counts a packet going into the tunnel to `peer`; false (and counted
+    /// as a drop) when there is no such tunnel.
+    fn count_tx(&mut self, peer: PeerId, len: usize) -> bool {
+        let Some(t) = self.tunnels.get_mut(&peer) else {
+            self.drops.no_tunnel += 1;
+            return false;
+        };
+        t.counters.tx_packets += 1;
+        t.counters.tx_bytes += len as u64;
+        true
     }
 
     fn send(&mut self, peer: PeerId, packet: Vec<u8>) {
-        let Some(t) = self.tunnels.get_mut(&peer) else {
-            self.drops.no_tunnel += 1;
-            return;
-        };
-        t.counters.tx_packets += 1;
-        t.counters.tx_bytes += packet.len() as u64;
-        self.outputs.push_back(Output::ToTunnel { peer, packet });
+        if self.count_tx(peer, packet.len()) {
+            self.outputs.push_back(Output::ToTunnel { peer, packet });
+        }
     }
 
     /// Sends a gossip message to a tunnel neighbour (a Babel peer).
