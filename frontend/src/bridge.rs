@@ -503,7 +503,7 @@ impl Bridge {
         let _ = plain_or_tls.set_nodelay(true);
         match t.mode {
             Mode::Server => {
-                let tls = tokio::time::timeout(handshake, m.acceptor.accept(plain_or_tls))
+                let tls = tokio::time::timeout(handshake, m.acceptor.accept(tls_io(plain_or_tls)))
                     .await
                     .map_err(|_| "TLS handshake timed out".to_string())?
                     .map_err(|e| format!("TLS handshake: {e}"))?;
@@ -526,6 +526,8 @@ impl Bridge {
                 let _ = backend.set_nodelay(true);
                 tracing::debug!(tunnel = %t.name, %from, cn = %id.cn, "connection accepted");
                 counters.accepted.fetch_add(1, Ordering::Relaxed);
+                let mut tls = tls;
+                tls.get_mut().1.set_buffer_limit(Some(BATCH));
                 pipe(tls, backend, idle, counters.clone()).await;
             }
             Mode::Client => {
@@ -539,7 +541,7 @@ impl Bridge {
                     }
                     None => ServerName::IpAddress(t.connect.ip().into()),
                 };
-                let tls = tokio::time::timeout(handshake, m.connector.connect(name, remote))
+                let tls = tokio::time::timeout(handshake, m.connector.connect(name, tls_io(remote)))
                     .await
                     .map_err(|_| "TLS handshake timed out".to_string())?
                     .map_err(|e| format!("TLS handshake with {}: {e}", t.connect))?;
@@ -557,11 +559,47 @@ impl Bridge {
                     ));
                 }
                 counters.accepted.fetch_add(1, Ordering::Relaxed);
+                let mut tls = tls;
+                tls.get_mut().1.set_buffer_limit(Some(BATCH));
                 pipe(plain_or_tls, tls, idle, counters.clone()).await;
             }
         }
         Ok(())
     }
+}
+
+/// Most bytes moved per write: what is ready on the reading side is read
+/// (without waiting) up to this much before it is written in one go, so
+/// that several TLS records leave in one `writev` and several decrypted
+/// records reach the plain side in one `write`. A connection's copy
+/// buffers start at [`FIRST_READ`] and grow to this only once a read fills
+/// them (bulk traffic), so that idle and interactive connections stay small.
+const BATCH: usize = 256 * 1024;
+const FIRST_READ: usize = 16 * 1024;
+
+/// Read buffer of the TLS side's socket.
+const TLS_READ: usize = 64 * 1024;
+
+/// The TLS side's socket, read through a buffer: rustls asks for at most
+/// 4 KiB at a time, so without it a 16 KiB record costs four `recv` calls
+/// (and as many ACKs on loopback); with it one `recv` brings in several
+/// records. Writes go straight through.
+fn tls_io(s: TcpStream) -> tokio::io::BufReader<TcpStream> {
+    tokio::io::BufReader::with_capacity(TLS_READ, s)
+}
+
+/// Reads what `r` has ready now without waiting: `Some(n)` read (0 at
+/// EOF), `None` if nothing is ready.
+async fn read_ready<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+    std::future::poll_fn(|cx| {
+        let mut rb = tokio::io::ReadBuf::new(buf);
+        match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
+            std::task::Poll::Ready(Ok(())) => std::task::Poll::Ready(Ok(Some(rb.filled().len()))),
+            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+            std::task::Poll::Pending => std::task::Poll::Ready(Ok(None)),
+        }
+    })
+    .await
 }
 
 /// Copies both ways until both sides are done, propagating half-closes
@@ -615,22 +653,37 @@ async fn one_way<R, W>(
     W: AsyncWrite + Unpin,
 {
     let bytes = if inbound { &counters.bytes_in } else { &counters.bytes_out };
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => {
-                let _ = w.shutdown().await;
-                return;
-            }
-            Ok(n) => {
-                last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-                bytes.fetch_add(n as u64, Ordering::Relaxed);
-                if w.write_all(&buf[..n]).await.is_err() {
-                    return;
+    let mut buf = vec![0u8; FIRST_READ];
+    let mut done = false;
+    while !done {
+        let mut n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Take whatever else is ready (a TLS stream yields one record per
+        // read), so that it leaves in one write.
+        while n < buf.len() {
+            match read_ready(&mut r, &mut buf[n..]).await {
+                Ok(Some(0)) | Err(_) => {
+                    done = true;
+                    break;
                 }
+                Ok(Some(m)) => n += m,
+                Ok(None) => break,
             }
         }
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        // The flush matters for TLS: rustls may keep records it could not
+        // write yet, and nothing else would push them out.
+        if w.write_all(&buf[..n]).await.is_err() || w.flush().await.is_err() {
+            return;
+        }
+        if n == buf.len() && n < BATCH {
+            buf.resize(BATCH, 0);
+        }
     }
+    let _ = w.shutdown().await;
 }
 
 #[cfg(test)]
