@@ -43,6 +43,7 @@ struct StatusArgs {
   state_dir = \"/var/lib/sixmesh\"   # or cert/key/ca/crl = \"FILE.pem\" (any PEM CA works)
   idle_timeout_secs = 3600      # top level: close idle connections
   max_connections = 1024        # top level: per tunnel
+  session_resumption = true     # top level: TLS session tickets / IDs (a reload forgets them)
 
   [[tunnel]]
   name = \"mariadb\"
@@ -111,16 +112,17 @@ pub fn run_bridge(a: BridgeArgs) -> Result<ExitCode> {
             let v: serde_json::Value =
                 serde_json::from_str(&answer).context("the bridge answered something that is not JSON")?;
             println!(
-                "{:<16} {:<7} {:<28} {:>9} {:>8} {:>7} {:>12} {:>12}",
-                "TUNNEL", "MODE", "LISTEN", "ACCEPTED", "REFUSED", "ACTIVE", "IN", "OUT"
+                "{:<16} {:<7} {:<28} {:>9} {:>8} {:>8} {:>7} {:>12} {:>12}",
+                "TUNNEL", "MODE", "LISTEN", "ACCEPTED", "RESUMED", "REFUSED", "ACTIVE", "IN", "OUT"
             );
             for t in v["tunnels"].as_array().into_iter().flatten() {
                 println!(
-                    "{:<16} {:<7} {:<28} {:>9} {:>8} {:>7} {:>12} {:>12}",
+                    "{:<16} {:<7} {:<28} {:>9} {:>8} {:>8} {:>7} {:>12} {:>12}",
                     t["name"].as_str().unwrap_or("?"),
                     t["mode"].as_str().unwrap_or("?"),
                     t["listen"].as_str().unwrap_or("?"),
                     t["accepted"],
+                    t["resumed"],
                     t["refused"],
                     t["active"],
                     t["bytes_in"],
