@@ -30,7 +30,7 @@ SETTLE=${SETTLE:-3}
 LEGS=${LEGS:-sixmesh ygg}
 leg() { [[ " $LEGS " == *" $1 "* ]]; }
 echo "# RUNS=$RUNS TIMEOUT=$TIMEOUT SETTLE=$SETTLE LEGS=\"$LEGS\" flock /tmp/sixmesh-cpu.lock bash benches/failover.sh"
-echo "# $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(yggdrasil -version 2>/dev/null | head -1 || true)"
+echo "# $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?') yggdrasil $(dpkg-query -W -f '${Version}' yggdrasil 2>/dev/null || echo '?')"
 for c in yggdrasil yggdrasilctl nft ping python3 ip; do
     command -v "$c" >/dev/null || { echo "benches/failover.sh: $c is missing: apt-get install -y yggdrasil nftables iputils-ping" >&2; exit 1; }
 done

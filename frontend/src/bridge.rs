@@ -60,6 +60,12 @@ pub struct BridgeConfig {
     /// Most connections open at once, per tunnel.
     #[serde(default = "default_max")]
     pub max_connections: usize,
+    /// TLS session resumption (TLS 1.3 tickets naming a server-side
+    /// session cache, TLS 1.2 session IDs): a resumed handshake skips the
+    /// certificate signatures and checks. Reloading the certificates
+    /// empties both caches, so a peer revoked by a new CRL cannot resume.
+    #[serde(default = "yes")]
+    pub session_resumption: bool,
     #[serde(rename = "tunnel")]
     pub tunnels: Vec<TunnelConfig>,
 }
@@ -70,6 +76,14 @@ fn default_idle() -> u64 {
 fn default_max() -> usize {
     1024
 }
+fn yes() -> bool {
+    true
+}
+
+/// Sessions a server tunnel remembers for resumption (about 1 KiB each).
+const SERVER_SESSIONS: usize = 4096;
+/// Servers a client tunnel keeps tickets for.
+const CLIENT_SESSIONS: usize = 256;
 
 /// PEM files, or a node state directory (`node.pem`, `node.key`, `ca.pem`,
 /// `crl.pem` written by `sixmesh join`).
@@ -221,7 +235,7 @@ impl TlsFiles {
             .collect()
     }
 
-    fn load(&self) -> Result<Material, BridgeError> {
+    fn load(&self, resumption: bool) -> Result<Material, BridgeError> {
         let (cert, key, ca, crl) = self.resolve()?;
         let file_err = |p: &Path, e: &dyn std::fmt::Display| BridgeError::File {
             path: p.to_owned(),
@@ -256,7 +270,7 @@ impl TlsFiles {
             .allow_unknown_revocation_status()
             .build()
             .map_err(|e| tls(&e))?;
-        let server = rustls::ServerConfig::builder_with_provider(provider())
+        let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| tls(&e))?
             .with_client_cert_verifier(client_verifier)
@@ -267,12 +281,22 @@ impl TlsFiles {
             .allow_unknown_revocation_status()
             .build()
             .map_err(|e| tls(&e))?;
-        let client = rustls::ClientConfig::builder_with_provider(provider())
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| tls(&e))?
             .with_webpki_verifier(server_verifier)
             .with_client_auth_cert(chain, key)
             .map_err(|e| tls(&e))?;
+        // A new cache with every load: sessions of the old material (which a
+        // new CRL may now revoke) are not resumed.
+        if resumption {
+            server.session_storage = rustls::server::ServerSessionMemoryCache::new(SERVER_SESSIONS);
+            client.resumption = rustls::client::Resumption::in_memory_sessions(CLIENT_SESSIONS);
+        } else {
+            server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            server.send_tls13_tickets = 0;
+            client.resumption = rustls::client::Resumption::disabled();
+        }
         Ok(Material {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             connector: TlsConnector::from(Arc::new(client)),
@@ -288,6 +312,8 @@ type Series = (&'static str, &'static str, &'static str, fn(&Counters) -> u64);
 #[derive(Debug, Default)]
 pub struct Counters {
     pub accepted: AtomicU64,
+    /// Accepted connections whose handshake resumed a session.
+    pub resumed: AtomicU64,
     pub refused: AtomicU64,
     pub active: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -314,7 +340,7 @@ impl Bridge {
                     .map_err(|e| BridgeError::Config(format!("tunnel {}: allow {e}", t.name)))?;
             }
         }
-        let material = cfg.tls.load()?;
+        let material = cfg.tls.load(cfg.session_resumption)?;
         let counters = cfg.tunnels.iter().map(|t| (t.name.clone(), Arc::new(Counters::default()))).collect();
         Ok(Arc::new(Bridge { material: RwLock::new(Arc::new(material)), counters, cfg }))
     }
@@ -326,7 +352,7 @@ impl Bridge {
     /// Reloads certificates, key, CA and CRL. Open connections keep the
     /// material they started with; on error the old material stays.
     pub fn reload(&self) -> Result<(), BridgeError> {
-        let m = self.cfg.tls.load()?;
+        let m = self.cfg.tls.load(self.cfg.session_resumption)?;
         *self.material.write().expect("not poisoned") = Arc::new(m);
         tracing::info!("bridge certificates reloaded");
         Ok(())
@@ -349,11 +375,12 @@ impl Bridge {
             .zip(&self.cfg.tunnels)
             .map(|((name, c), t)| {
                 format!(
-                    "{{\"name\":{name:?},\"mode\":\"{}\",\"listen\":\"{}\",\"connect\":\"{}\",\"accepted\":{},\"refused\":{},\"active\":{},\"bytes_in\":{},\"bytes_out\":{}}}",
+                    "{{\"name\":{name:?},\"mode\":\"{}\",\"listen\":\"{}\",\"connect\":\"{}\",\"accepted\":{},\"resumed\":{},\"refused\":{},\"active\":{},\"bytes_in\":{},\"bytes_out\":{}}}",
                     if t.mode == Mode::Client { "client" } else { "server" },
                     t.listen,
                     t.connect,
                     c.accepted.load(Ordering::Relaxed),
+                    c.resumed.load(Ordering::Relaxed),
                     c.refused.load(Ordering::Relaxed),
                     c.active.load(Ordering::Relaxed),
                     c.bytes_in.load(Ordering::Relaxed),
@@ -367,8 +394,11 @@ impl Bridge {
     /// Per-tunnel counters in Prometheus's text format.
     pub fn metrics(&self) -> String {
         let mut m = String::new();
-        let series: [Series; 5] = [
+        let series: [Series; 6] = [
             ("connections_total", "counter", "Connections accepted.", |c| c.accepted.load(Ordering::Relaxed)),
+            ("resumed_total", "counter", "Accepted connections that resumed a TLS session.", |c| {
+                c.resumed.load(Ordering::Relaxed)
+            }),
             ("refused_total", "counter", "Connections refused (the log says why).", |c| {
                 c.refused.load(Ordering::Relaxed)
             }),
@@ -503,7 +533,7 @@ impl Bridge {
         let _ = plain_or_tls.set_nodelay(true);
         match t.mode {
             Mode::Server => {
-                let tls = tokio::time::timeout(handshake, m.acceptor.accept(plain_or_tls))
+                let tls = tokio::time::timeout(handshake, m.acceptor.accept(tls_io(plain_or_tls)))
                     .await
                     .map_err(|_| "TLS handshake timed out".to_string())?
                     .map_err(|e| format!("TLS handshake: {e}"))?;
@@ -526,6 +556,11 @@ impl Bridge {
                 let _ = backend.set_nodelay(true);
                 tracing::debug!(tunnel = %t.name, %from, cn = %id.cn, "connection accepted");
                 counters.accepted.fetch_add(1, Ordering::Relaxed);
+                if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    counters.resumed.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut tls = tls;
+                tls.get_mut().1.set_buffer_limit(Some(BATCH));
                 pipe(tls, backend, idle, counters.clone()).await;
             }
             Mode::Client => {
@@ -539,7 +574,7 @@ impl Bridge {
                     }
                     None => ServerName::IpAddress(t.connect.ip().into()),
                 };
-                let tls = tokio::time::timeout(handshake, m.connector.connect(name, remote))
+                let tls = tokio::time::timeout(handshake, m.connector.connect(name, tls_io(remote)))
                     .await
                     .map_err(|_| "TLS handshake timed out".to_string())?
                     .map_err(|e| format!("TLS handshake with {}: {e}", t.connect))?;
@@ -557,11 +592,52 @@ impl Bridge {
                     ));
                 }
                 counters.accepted.fetch_add(1, Ordering::Relaxed);
+                if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    counters.resumed.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut tls = tls;
+                tls.get_mut().1.set_buffer_limit(Some(BATCH));
                 pipe(plain_or_tls, tls, idle, counters.clone()).await;
             }
         }
         Ok(())
     }
+}
+
+/// Most bytes moved per write: what is ready on the reading side is read
+/// (without waiting) up to this much before it is written in one go, so
+/// that several TLS records leave in one `writev` and several decrypted
+/// records reach the plain side in one `write`. A connection's copy
+/// buffers start at [`FIRST_READ`] and grow to this only once a read fills
+/// them (bulk traffic), so that idle and interactive connections stay small.
+/// 256 KiB measured no faster than 64 KiB on loopback (iperf3 through a
+/// pair, alternating runs), for four times the memory per connection.
+const BATCH: usize = 64 * 1024;
+const FIRST_READ: usize = 16 * 1024;
+
+/// Read buffer of the TLS side's socket.
+const TLS_READ: usize = 64 * 1024;
+
+/// The TLS side's socket, read through a buffer: rustls asks for at most
+/// 4 KiB at a time, so without it a 16 KiB record costs four `recv` calls
+/// (and as many ACKs on loopback); with it one `recv` brings in several
+/// records. Writes go straight through.
+fn tls_io(s: TcpStream) -> tokio::io::BufReader<TcpStream> {
+    tokio::io::BufReader::with_capacity(TLS_READ, s)
+}
+
+/// Reads what `r` has ready now without waiting: `Some(n)` read (0 at
+/// EOF), `None` if nothing is ready.
+async fn read_ready<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+    std::future::poll_fn(|cx| {
+        let mut rb = tokio::io::ReadBuf::new(buf);
+        match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
+            std::task::Poll::Ready(Ok(())) => std::task::Poll::Ready(Ok(Some(rb.filled().len()))),
+            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+            std::task::Poll::Pending => std::task::Poll::Ready(Ok(None)),
+        }
+    })
+    .await
 }
 
 /// Copies both ways until both sides are done, propagating half-closes
@@ -615,22 +691,37 @@ async fn one_way<R, W>(
     W: AsyncWrite + Unpin,
 {
     let bytes = if inbound { &counters.bytes_in } else { &counters.bytes_out };
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => {
-                let _ = w.shutdown().await;
-                return;
-            }
-            Ok(n) => {
-                last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-                bytes.fetch_add(n as u64, Ordering::Relaxed);
-                if w.write_all(&buf[..n]).await.is_err() {
-                    return;
+    let mut buf = vec![0u8; FIRST_READ];
+    let mut done = false;
+    while !done {
+        let mut n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Take whatever else is ready (a TLS stream yields one record per
+        // read), so that it leaves in one write.
+        while n < buf.len() {
+            match read_ready(&mut r, &mut buf[n..]).await {
+                Ok(Some(0)) | Err(_) => {
+                    done = true;
+                    break;
                 }
+                Ok(Some(m)) => n += m,
+                Ok(None) => break,
             }
         }
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        // The flush matters for TLS: rustls may keep records it could not
+        // write yet, and nothing else would push them out.
+        if w.write_all(&buf[..n]).await.is_err() || w.flush().await.is_err() {
+            return;
+        }
+        if n == buf.len() && n < BATCH {
+            buf.resize(BATCH, 0);
+        }
     }
+    let _ = w.shutdown().await;
 }
 
 #[cfg(test)]
@@ -676,6 +767,7 @@ mod tests {
         .unwrap();
         assert_eq!(ok.tunnels[0].mode, Mode::Server);
         assert_eq!(ok.idle_timeout_secs, 3600);
+        assert!(ok.session_resumption);
         let bad = toml::from_str::<BridgeConfig>(
             "[[tunnel]]\nname='x'\nmode='sideways'\nlisten='[::]:1'\nconnect='[::1]:2'\n",
         );

@@ -138,6 +138,30 @@ pub struct DaemonConfig {
     pub static_peers: Vec<StaticPeer>,
     /// Peers with known keys and endpoints (bootstrap list, peer cache).
     pub known_peers: Vec<(PeerId, PublicKey, Vec<SocketAddr>)>,
+    /// Other services in this process that report through the node's
+    /// control socket and metrics (the TLS bridge of `node run --bridge`).
+    pub reporters: Vec<Reporter>,
+}
+
+/// A service that runs in the node's process without being part of the
+/// node (the TLS bridge of `sixmesh node run --bridge`): the node knows of
+/// it only these two functions. They are called from the node's loop, so
+/// they must be quick (read counters, format them).
+#[derive(Clone)]
+pub struct Reporter {
+    /// Its control command (`{"cmd":"<name>"}` answers its status) and its
+    /// key in the node's `status`.
+    pub name: String,
+    /// Its status, as a JSON document.
+    pub status: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Its Prometheus metrics (text format), served after the node's.
+    pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+}
+
+impl std::fmt::Debug for Reporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reporter").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 /// One peer's WireGuard session and where it is.
@@ -374,6 +398,7 @@ struct Daemon {
     /// Spare buffers for `tun_out`.
     pool: Vec<Vec<u8>>,
     gro: tun_rs::GROTable,
+    reporters: Vec<Reporter>,
 }
 
 impl Daemon {
@@ -1011,7 +1036,7 @@ impl Daemon {
             })
             .collect();
         let prefix = self.core.prefix();
-        serde_json::to_string(&Status {
+        let status = serde_json::to_string(&Status {
             prefix,
             mesh_address: mesh_address(&prefix),
             public_key: b64(self.public.as_bytes()),
@@ -1022,7 +1047,16 @@ impl Daemon {
             stats: self.stats,
             drops: self.core.drops(),
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+        if self.reporters.is_empty() {
+            return status;
+        }
+        // Each reporter's status under its name.
+        let mut v: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+        for r in &self.reporters {
+            v[r.name.as_str()] = serde_json::from_str(&(r.status)()).unwrap_or_default();
+        }
+        v.to_string()
     }
 
     /// Prometheus text exposition of the counters.
@@ -1111,6 +1145,9 @@ impl Daemon {
                 ("{result=\"refused\"}".into(), st.certs_refused as f64),
             ],
         );
+        for r in &self.reporters {
+            m.push_str(&(r.metrics)());
+        }
         m
     }
 
@@ -1119,6 +1156,9 @@ impl Daemon {
         match cmd["cmd"].as_str() {
             Some("metrics") => serde_json::json!({ "metrics": self.metrics() }).to_string(),
             Some("status") | Some("peers") => self.status(),
+            Some(name) if self.reporters.iter().any(|r| r.name == name) => {
+                self.reporters.iter().find(|r| r.name == name).map(|r| (r.status)()).unwrap_or_default()
+            }
             Some("routes") | Some("dump") => serde_json::json!({
                 "router_id": self.core.router().id().to_string(),
                 "seqno": self.core.router().seqno(),
@@ -1127,7 +1167,13 @@ impl Daemon {
                 "routes": self.core.router().routes(),
             })
             .to_string(),
-            _ => r#"{"error":"unknown command: use status, peers, routes or dump"}"#.to_string(),
+            _ => {
+                let extra: String = self.reporters.iter().map(|r| format!(", {}", r.name)).collect();
+                serde_json::json!({
+                    "error": format!("unknown command: use status, peers, routes, dump or metrics{extra}")
+                })
+                .to_string()
+            }
         }
     }
 }
@@ -1272,6 +1318,7 @@ pub async fn run(
         tun_out: Vec::with_capacity(TUN_BATCH),
         pool: Vec::new(),
         gro: tun_rs::GROTable::new(),
+        reporters: cfg.reporters.clone(),
     };
     let mut known = cfg.known_peers.clone();
     if let Some(dir) = &cfg.state_dir {

@@ -1,11 +1,14 @@
 //! `sixmesh bridge run`: the stunnel-like TLS bridge.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use sixmesh_frontend::bridge::{Bridge, BridgeConfig};
+use sixmesh_frontend::bridge::{Bridge, BridgeConfig, BridgeError};
+use sixmesh_mesh_node::daemon::Reporter;
 
 #[derive(Debug, Args)]
 pub struct BridgeArgs {
@@ -17,7 +20,8 @@ pub struct BridgeArgs {
 enum BridgeCommand {
     /// Run the tunnels of a bridge.toml (SIGHUP or a changed file reloads the certificates)
     Run(RunArgs),
-    /// Print each tunnel's counters (connections, refusals, bytes) from a running bridge
+    /// Print each tunnel's counters (connections, refusals, bytes) from a running bridge, or from a
+    /// node that runs one (`--control /run/sixmesh/node.sock`)
     Status(StatusArgs),
 }
 
@@ -26,7 +30,7 @@ const DEFAULT_CONTROL: &str = "/run/sixmesh/bridge.sock";
 
 #[derive(Debug, Args)]
 struct StatusArgs {
-    /// Control socket of the bridge.
+    /// Control socket of the bridge, or of a node that runs one (`sixmesh node run --bridge`).
     #[arg(long, value_name = "SOCK", default_value = DEFAULT_CONTROL)]
     control: PathBuf,
     /// Print JSON.
@@ -43,6 +47,7 @@ struct StatusArgs {
   state_dir = \"/var/lib/sixmesh\"   # or cert/key/ca/crl = \"FILE.pem\" (any PEM CA works)
   idle_timeout_secs = 3600      # top level: close idle connections
   max_connections = 1024        # top level: per tunnel
+  session_resumption = true     # top level: TLS session tickets / IDs (a reload forgets them)
 
   [[tunnel]]
   name = \"mariadb\"
@@ -73,13 +78,9 @@ struct RunArgs {
 pub fn run_bridge(a: BridgeArgs) -> Result<ExitCode> {
     match a.command {
         BridgeCommand::Run(r) => {
-            let text = std::fs::read_to_string(&r.config)
-                .with_context(|| format!("cannot read {}", r.config.display()))?;
-            let cfg: BridgeConfig = toml::from_str(&text)
-                .with_context(|| format!("{} is not a valid bridge config", r.config.display()))?;
+            let bridge = load(&r.config)?;
             let rt = super::runtime()?;
             rt.block_on(async move {
-                let bridge = Bridge::new(cfg)?;
                 let control = sixmesh_routing::driver::bind_control_socket(&r.control)
                     .with_context(|| format!("control socket {}", r.control.display()))?;
                 tokio::spawn(bridge.clone().serve_control(control));
@@ -96,8 +97,10 @@ pub fn run_bridge(a: BridgeArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BridgeCommand::Status(s) => {
+            // A bridge answers any request with its status; a node answers
+            // `bridge` with its bridge's.
             let answer = super::runtime()?
-                .block_on(sixmesh_routing::driver::control_request(&s.control, r#"{"cmd":"status"}"#))
+                .block_on(sixmesh_routing::driver::control_request(&s.control, r#"{"cmd":"bridge"}"#))
                 .with_context(|| {
                     format!(
                         "cannot reach the bridge at {} (is `sixmesh bridge run` running?)",
@@ -110,24 +113,89 @@ pub fn run_bridge(a: BridgeArgs) -> Result<ExitCode> {
             }
             let v: serde_json::Value =
                 serde_json::from_str(&answer).context("the bridge answered something that is not JSON")?;
-            println!(
-                "{:<16} {:<7} {:<28} {:>9} {:>8} {:>7} {:>12} {:>12}",
-                "TUNNEL", "MODE", "LISTEN", "ACCEPTED", "REFUSED", "ACTIVE", "IN", "OUT"
-            );
-            for t in v["tunnels"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<16} {:<7} {:<28} {:>9} {:>8} {:>7} {:>12} {:>12}",
-                    t["name"].as_str().unwrap_or("?"),
-                    t["mode"].as_str().unwrap_or("?"),
-                    t["listen"].as_str().unwrap_or("?"),
-                    t["accepted"],
-                    t["refused"],
-                    t["active"],
-                    t["bytes_in"],
-                    t["bytes_out"]
+            if let Some(e) = v["error"].as_str() {
+                anyhow::bail!(
+                    "{}: {e} (does this node run a bridge? `sixmesh node run --bridge FILE`)",
+                    s.control.display()
                 );
             }
+            print_tunnels(&v);
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Prints the tunnels of a bridge status document as a table.
+pub fn print_tunnels(v: &serde_json::Value) {
+    println!(
+        "{:<16} {:<7} {:<28} {:>9} {:>8} {:>8} {:>7} {:>12} {:>12}",
+        "TUNNEL", "MODE", "LISTEN", "ACCEPTED", "RESUMED", "REFUSED", "ACTIVE", "IN", "OUT"
+    );
+    for t in v["tunnels"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:<7} {:<28} {:>9} {:>8} {:>8} {:>7} {:>12} {:>12}",
+            t["name"].as_str().unwrap_or("?"),
+            t["mode"].as_str().unwrap_or("?"),
+            t["listen"].as_str().unwrap_or("?"),
+            t["accepted"],
+            t["resumed"],
+            t["refused"],
+            t["active"],
+            t["bytes_in"],
+            t["bytes_out"]
+        );
+    }
+}
+
+/// Reads a bridge.toml and loads its certificates.
+pub fn load(path: &Path) -> Result<Arc<Bridge>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let cfg: BridgeConfig =
+        toml::from_str(&text).with_context(|| format!("{} is not a valid bridge config", path.display()))?;
+    Ok(Bridge::new(cfg)?)
+}
+
+/// How a bridge run by `sixmesh node run --bridge` reports through the
+/// node's control socket (`bridge` request, `bridge` key of `status`) and
+/// metrics.
+pub fn reporter(b: Arc<Bridge>) -> Reporter {
+    let m = b.clone();
+    Reporter {
+        name: "bridge".into(),
+        status: Arc::new(move || b.status_json()),
+        metrics: Arc::new(move || m.metrics()),
+    }
+}
+
+/// Runs a bridge's tunnels inside the node's process, on a runtime of
+/// their own (the node's data path keeps its single thread). A tunnel may
+/// listen on the node's mesh address, which exists only once the node has
+/// set its TUN device up: binding is retried for a minute while the
+/// address is not there yet.
+pub fn spawn_in_node(bridge: Arc<Bridge>) -> Result<()> {
+    let rt = super::runtime()?;
+    std::thread::Builder::new()
+        .name("bridge".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let start = Instant::now();
+                loop {
+                    match bridge.clone().run(std::future::pending()).await {
+                        Err(BridgeError::Listen { source, .. })
+                            if source.kind() == std::io::ErrorKind::AddrNotAvailable
+                                && start.elapsed() < Duration::from_secs(60) =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(e) => {
+                            tracing::error!("bridge tunnels stopped: {e}");
+                            return;
+                        }
+                        Ok(()) => return,
+                    }
+                }
+            })
+        })
+        .context("cannot start the bridge thread")?;
+    Ok(())
 }

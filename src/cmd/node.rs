@@ -176,8 +176,8 @@ pub const DEFAULT_NODE_CONTROL: &str = "/run/sixmesh/node.sock";
 #[derive(Debug, Args)]
 #[command(after_help = "Settings come from the signed network config; --config FILE (TOML) overrides: \
 listen_port, tun, control, endpoints = [\"ip:port\"], hello_interval_ms, config_refresh_secs, \
-client_count, max_clients, tunnel_refresh_secs, metrics = \"127.0.0.1:9185\", and [[peer]] tables (prefix, public_key, endpoint, babel) \
-for fixed peers such as plain WireGuard ones.")]
+client_count, max_clients, tunnel_refresh_secs, metrics = \"127.0.0.1:9185\", bridge = \"bridge.toml\", and [[peer]] tables \
+(prefix, public_key, endpoint, babel) for fixed peers such as plain WireGuard ones.")]
 pub struct RunArgs {
     /// The state directory `sixmesh join` filled.
     #[arg(long, value_name = "DIR", default_value = sixmesh_registry::client::DEFAULT_NODE_STATE_DIR)]
@@ -197,6 +197,11 @@ pub struct RunArgs {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9185 (off by default).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Also run the TLS bridge tunnels of this bridge.toml (see `sixmesh bridge run --help`), with
+    /// their counters in `sixmesh status`, the node's metrics and `sixmesh bridge status --control`
+    /// on the node's socket.
+    #[arg(long, value_name = "FILE")]
+    bridge: Option<PathBuf>,
 }
 
 /// `node.toml`.
@@ -214,6 +219,7 @@ struct NodeFile {
     max_clients: Option<usize>,
     tunnel_refresh_secs: Option<u64>,
     metrics: Option<std::net::SocketAddr>,
+    bridge: Option<PathBuf>,
     #[serde(default, rename = "peer")]
     peers: Vec<StaticPeer>,
 }
@@ -225,6 +231,12 @@ fn run_daemon(a: RunArgs) -> Result<ExitCode> {
             toml::from_str(&text).with_context(|| format!("{} is not a valid node config", p.display()))?
         }
         None => NodeFile::default(),
+    };
+    // The bridge's configuration and certificates are checked before the
+    // node starts; its tunnels start in their own thread (below).
+    let bridge = match a.bridge.as_ref().or(file.bridge.as_ref()) {
+        Some(p) => Some(super::bridge::load(p)?),
+        None => None,
     };
     let id = Identity::load(&a.state_dir)?;
     let babel_state = a.state_dir.join("babel.state");
@@ -266,7 +278,11 @@ fn run_daemon(a: RunArgs) -> Result<ExitCode> {
         control: Some(a.control.or(file.control).unwrap_or_else(|| PathBuf::from(DEFAULT_NODE_CONTROL))),
         static_peers: file.peers,
         known_peers: Vec::new(),
+        reporters: bridge.iter().map(|b| super::bridge::reporter(b.clone())).collect(),
     };
+    if let Some(b) = bridge {
+        super::bridge::spawn_in_node(b)?;
+    }
     // One thread: the data path is one loop, and a single-threaded runtime
     // drives its sockets itself instead of waking it from another thread
     // for every packet.
@@ -317,6 +333,10 @@ pub fn run_status(a: StatusArgs) -> Result<ExitCode> {
     println!("uptime        {:.0} s", v["uptime_s"].as_f64().unwrap_or(0.0));
     println!("tunnels       {up} up of {}", tunnels.len());
     println!("routes        {}", v["routes"]);
+    if v["bridge"].is_object() {
+        println!();
+        super::bridge::print_tunnels(&v["bridge"]);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

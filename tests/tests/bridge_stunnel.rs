@@ -1,5 +1,5 @@
 //! The TLS bridge against real stunnel4, both directions, carrying a line
-//! echo end to end; and the refusals (plain TCP, unknown CA, revoked
+//! echo end to end, resuming TLS sessions both ways; and the refusals (plain TCP, unknown CA, revoked
 //! certificate), each with a logged reason. Loopback only: no root needed.
 
 use std::io::{BufRead, BufReader, Write};
@@ -218,6 +218,10 @@ fn bridge_and_stunnel_interoperate_both_ways_and_refuse_what_they_should() {
         ask(st_client, "hello through stunnel then sixmesh").unwrap(),
         "hello through stunnel then sixmesh"
     );
+    // Second connections each way resume the first one's TLS session
+    // (counted below).
+    assert_eq!(ask(our_client, "resumed to stunnel").unwrap(), "resumed to stunnel");
+    assert_eq!(ask(st_client, "resumed from stunnel").unwrap(), "resumed from stunnel");
 
     // Refusals, each logged with its reason.
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
@@ -262,6 +266,10 @@ fn bridge_and_stunnel_interoperate_both_ways_and_refuse_what_they_should() {
         status["tunnels"].as_array().unwrap().iter().find(|t| t["name"] == "from-stunnel").unwrap().clone();
     assert!(from["accepted"].as_u64().unwrap() >= 2 && from["refused"].as_u64().unwrap() >= 5, "{status}");
     assert!(from["bytes_in"].as_u64().unwrap() > 0, "{status}");
+    assert!(from["resumed"].as_u64().unwrap() >= 1, "stunnel's client did not resume with us: {status}");
+    let to =
+        status["tunnels"].as_array().unwrap().iter().find(|t| t["name"] == "to-stunnel").unwrap().clone();
+    assert!(to["resumed"].as_u64().unwrap() >= 1, "we did not resume with stunnel's server: {status}");
     let mut m = TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
     m.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
     let mut metrics = String::new();
