@@ -225,19 +225,19 @@ import os, statistics, sys
 d, runs, timeout, legs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4].split()
 print(f"failover after a silent A<->B underlay cut (nftables drop on the bridge), 3 hosts, full mesh of")
 print(f"peerings; ping -i 0.05 A->B over the overlay; {runs} fresh starts each, no recovery within {timeout:g} s = >{timeout:g}")
-print(f"{'overlay':<11}{'failover_s':>11}{'max_gap_s':>10}  {'runs (failover s)':<26}{'C tx pkt/s after':>17}")
+print(f"{'overlay':<11}{'failover_s':>11}{'min-max':>12}{'max_gap_s':>10}{'C_tx_pkt/s':>11}  runs (failover s)")
 med = {}
+fmt = lambda v: f">{timeout:g}" if v == float("inf") else f"{v:.2f}"
 for name, lbl in [("sixmesh", "sixmesh"), ("yggdrasil", "ygg")]:
-    if lbl not in legs:
+    f = os.path.join(d, lbl + ".res")
+    rows = [l.split() for l in open(f)] if lbl in legs and os.path.exists(f) else []
+    if not rows:
         continue
-    rows = [l.split() for l in open(os.path.join(d, lbl + ".res"))] if os.path.exists(os.path.join(d, lbl + ".res")) else []
     fo = [float(r[0]) if r[0] != "-" else float("inf") for r in rows]
     gp = [float(r[1]) if r[1] != "-" else float("inf") for r in rows]
-    m = statistics.median(fo) if fo else float("nan")
-    med[name] = m
-    fmt = lambda v: f">{timeout:g}" if v == float("inf") else f"{v:.2f}"
-    print(f"{name:<11}{fmt(m):>11}{fmt(statistics.median(gp) if gp else float('nan')):>10}  "
-          f"{' / '.join(fmt(v) for v in fo):<26}{' / '.join(r[4] for r in rows):>17}")
+    med[name] = m = statistics.median(fo)
+    print(f"{name:<11}{fmt(m):>11}{fmt(min(fo)) + '-' + fmt(max(fo)):>12}{fmt(statistics.median(gp)):>10}"
+          f"{statistics.median(int(r[4]) for r in rows):>11}  {' / '.join(fmt(v) for v in fo)}")
 if "sixmesh" in med and "yggdrasil" in med and med["yggdrasil"] not in (0, float("inf")):
     print(f"sixmesh / yggdrasil failover: {med['sixmesh'] / med['yggdrasil']:.2f}")
 PY
