@@ -24,6 +24,7 @@
 # Builds target/release/sixmesh only if it is missing (the caller is expected to hold the lock).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/ygg.sh
 RUNS=${RUNS:-3}
 TIMEOUT=${TIMEOUT:-60}
 SETTLE=${SETTLE:-3}
@@ -144,16 +145,9 @@ measure() {
 
 if leg ygg; then
     for n in A B C; do
-        yggdrasil -genconf -json > "$T/ygg$n.key.json"
         case $n in A) peers='["tcp://[fd00:ffff::2]:12345", "tcp://[fd00:ffff::3]:12345"]';;
                    B) peers='["tcp://[fd00:ffff::3]:12345"]';; C) peers='[]';; esac
-        python3 - "$T/ygg$n.key.json" "$T/ygg$n.json" "$peers" "$T/ygg$n.sock" <<'PY'
-import json, sys
-c = json.load(open(sys.argv[1]))
-c.update({"Peers": json.loads(sys.argv[3]), "Listen": ["tcp://[::]:12345"], "AdminListen": "unix://" + sys.argv[4],
-          "MulticastInterfaces": [], "IfName": "ygg0", "IfMTU": 65535})
-json.dump(c, open(sys.argv[2], "w"))
-PY
+        ygg_conf "$T/ygg$n.json" "$peers" "$T/ygg$n.sock"
     done
     YB=$(yggdrasil -useconffile "$T/yggB.json" -address)
 fi

@@ -10,6 +10,7 @@
 # (./scripts/test installs them). Builds `sixmesh` in release mode if needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/ygg.sh
 RUNS=${RUNS:-3}
 SECS=${SECS:-8}
 LEGS=${LEGS:-raw wg ygg sixmesh}
@@ -89,15 +90,8 @@ fi
 if leg ygg; then
 echo "yggdrasil..." >&2
 for n in A B; do
-    yggdrasil -genconf -json > "$T/ygg$n.gen.json"
     peers=$([ $n = A ] && echo '["tcp://[fd00:1::2]:12345"]' || echo '[]')
-    python3 - "$T/ygg$n.gen.json" "$T/ygg$n.json" "$peers" "$T/ygg$n.sock" <<'PY'
-import json, sys
-c = json.load(open(sys.argv[1]))
-c.update({"Peers": json.loads(sys.argv[3]), "Listen": ["tcp://[::]:12345"], "AdminListen": "unix://" + sys.argv[4],
-          "MulticastInterfaces": [], "IfName": "ygg0", "IfMTU": 65535})
-json.dump(c, open(sys.argv[2], "w"))
-PY
+    ygg_conf "$T/ygg$n.json" "$peers" "$T/ygg$n.sock"
 done
 ip netns exec "${P}B" yggdrasil -useconffile "$T/yggB.json" -logto "$T/yggB.log" & PIDS+=($!)
 sleep 1.5
