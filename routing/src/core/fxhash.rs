@@ -5,14 +5,11 @@
 //! update: SipHash was a quarter of the router's time in large meshes. It
 //! also makes iteration order the same in every run.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 /// A `HashMap` with [`FxHasher`].
 pub type FxMap<K, V> = HashMap<K, V, FxBuildHasher>;
-
-/// A `HashSet` with [`FxHasher`].
-pub type FxSet<K> = HashSet<K, FxBuildHasher>;
 
 /// Builds [`FxHasher`]s (for `HashMap::with_hasher` and friends).
 pub type FxBuildHasher = BuildHasherDefault<FxHasher>;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv6Net};
 
-pub use self::fxhash::{FxBuildHasher, FxHasher, FxMap, FxSet};
+pub use self::fxhash::{FxBuildHasher, FxHasher, FxMap};
 use self::tables::{Installed, Neighbour, RouteEntry, Slot, Source};
 pub use self::tables::{NeighbourInfo, RouteInfo, seqno_newer};
 use crate::wire::{self, INFINITY, Message, PacketBuilder, RequestTarget, RouterId};
@@ -245,6 +245,9 @@ pub struct Router {
     triggered: BTreeSet<RouteKey>,
     /// When the triggered updates are sent.
     flush_at: Option<Instant>,
+    /// The shortest Hello interval of our interfaces (4 s without any):
+    /// triggered updates wait about that long at most.
+    min_hello: Duration,
     /// The sending neighbour's (id, cost, update interval) while the
     /// updates of one packet are handled; cleared by anything that may
     /// change the cost.
@@ -283,6 +286,7 @@ impl Router {
             urgent: FxMap::default(),
             triggered: BTreeSet::new(),
             flush_at: None,
+            min_hello: Duration::from_secs(4),
             cost_cache: None,
             plain_lens: BTreeMap::new(),
             specific: BTreeSet::new(),
@@ -323,6 +327,7 @@ impl Router {
         }
         let seqno = (self.next_random() & 0xffff) as u16;
         self.ifaces.insert(iface, Iface { cfg, hello_seqno: seqno, hellos_sent: 0, requested: now });
+        self.update_min_hello();
         self.send_hello(now, iface);
         self.queue(iface, Destination::Multicast, Message::RouteReq(RequestTarget::All));
         self.send_full_update(now, iface, Destination::Multicast);
@@ -359,6 +364,7 @@ impl Router {
         if self.ifaces.remove(&iface).is_none() {
             return;
         }
+        self.update_min_hello();
         let gone: Vec<u32> =
             self.neighbours.iter().filter(|(_, n)| n.iface == iface).map(|(id, _)| *id).collect();
         for id in gone {
@@ -515,20 +521,6 @@ impl Router {
             (a.prefix, a.src, !a.selected, a.metric).cmp(&(b.prefix, b.src, !b.selected, b.metric))
         });
         v
-    }
-
-    /// Every route learned from a neighbour, in no particular order and
-    /// without the feasibility check of [`Router::routes`]: (prefix, source
-    /// prefix, interface, metric, selected). Cheap enough to call every
-    /// second on large tables.
-    pub fn learned_routes(
-        &self,
-    ) -> impl Iterator<Item = (Ipv6Net, Option<Ipv6Net>, IfaceId, u16, bool)> + '_ {
-        self.routes.iter().flat_map(move |(key, slot)| {
-            slot.entries.iter().enumerate().map(move |(i, e)| {
-                (key.0, key.1, self.neighbours[&e.nbr].iface, e.metric, slot.selected == Some(i))
-            })
-        })
     }
 
     /// How many destinations have a selected route (not counting ours).
@@ -1234,8 +1226,8 @@ impl Router {
     fn trigger(&mut self, now: Instant, key: RouteKey, urgency: Urgency) {
         self.triggered.insert(key);
         let delay = match urgency {
-            Urgency::Normal => roughly(self.min_hello().min(NORMAL_FLUSH), self.next_random()),
-            Urgency::Fast => roughly(self.min_hello().min(URGENT_FLUSH), self.next_random()),
+            Urgency::Normal => roughly(self.min_hello.min(NORMAL_FLUSH), self.next_random()),
+            Urgency::Fast => roughly(self.min_hello.min(URGENT_FLUSH), self.next_random()),
             // Rare and on the critical path of recovery (a route lost, a
             // seqno asked for): at once.
             Urgency::Resend => Duration::ZERO,
@@ -1247,9 +1239,10 @@ impl Router {
         }
     }
 
-    /// The shortest Hello interval of our interfaces (4 s without any).
-    fn min_hello(&self) -> Duration {
-        self.ifaces.values().map(|i| i.cfg.hello_interval).min().unwrap_or(Duration::from_secs(4))
+    /// Recomputes `min_hello` after the interfaces changed.
+    fn update_min_hello(&mut self) {
+        self.min_hello =
+            self.ifaces.values().map(|i| i.cfg.hello_interval).min().unwrap_or(Duration::from_secs(4));
     }
 
     fn queue(&mut self, iface: IfaceId, dst: Destination, m: Message) {
