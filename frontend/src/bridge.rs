@@ -13,8 +13,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
@@ -66,6 +68,12 @@ pub struct BridgeConfig {
     /// empties both caches, so a peer revoked by a new CRL cannot resume.
     #[serde(default = "yes")]
     pub session_resumption: bool,
+    /// Threads that carry connections (0: one per core). Each connection
+    /// lives on one of them, both directions together, as with stunnel's
+    /// thread per connection: handing a connection's wake-ups between
+    /// threads cost more than the second core gave (see BENCHMARKS.md).
+    #[serde(default)]
+    pub workers: usize,
     #[serde(rename = "tunnel")]
     pub tunnels: Vec<TunnelConfig>,
 }
@@ -326,6 +334,33 @@ pub struct Bridge {
     material: RwLock<Arc<Material>>,
     /// Counters by tunnel name.
     pub counters: Vec<(String, Arc<Counters>)>,
+    /// Connection threads, started by the first [`Bridge::run`].
+    workers: OnceLock<Vec<Worker>>,
+}
+
+/// A connection's whole life, from the accepted socket to the close.
+type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A thread running a single-threaded runtime that carries connections.
+struct Worker {
+    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+    /// Connections on it now.
+    load: Arc<AtomicUsize>,
+}
+
+impl Worker {
+    fn start(n: usize) -> std::io::Result<Worker> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+        std::thread::Builder::new().name(format!("bridge-{n}")).spawn(move || {
+            rt.block_on(async move {
+                while let Some(job) = rx.recv().await {
+                    tokio::spawn(job);
+                }
+            })
+        })?;
+        Ok(Worker { jobs, load: Arc::new(AtomicUsize::new(0)) })
+    }
 }
 
 impl Bridge {
@@ -342,7 +377,47 @@ impl Bridge {
         }
         let material = cfg.tls.load(cfg.session_resumption)?;
         let counters = cfg.tunnels.iter().map(|t| (t.name.clone(), Arc::new(Counters::default()))).collect();
-        Ok(Arc::new(Bridge { material: RwLock::new(Arc::new(material)), counters, cfg }))
+        Ok(Arc::new(Bridge {
+            material: RwLock::new(Arc::new(material)),
+            counters,
+            cfg,
+            workers: OnceLock::new(),
+        }))
+    }
+
+    /// Starts the connection threads (once).
+    fn start_workers(&self) -> Result<(), BridgeError> {
+        if self.workers.get().is_some() {
+            return Ok(());
+        }
+        let n = match self.cfg.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let workers = (0..n)
+            .map(Worker::start)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| BridgeError::Config(format!("cannot start {n} connection threads: {e}")))?;
+        let _ = self.workers.set(workers);
+        Ok(())
+    }
+
+    /// Runs `job` on the least loaded connection thread (or here, if
+    /// there are none).
+    fn dispatch(&self, job: impl Future<Output = ()> + Send + 'static) {
+        let Some(w) = self.workers.get().and_then(|ws| ws.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)))
+        else {
+            tokio::spawn(job);
+            return;
+        };
+        let load = w.load.clone();
+        load.fetch_add(1, Ordering::Relaxed);
+        let job: Job = Box::pin(async move {
+            job.await;
+            load.fetch_sub(1, Ordering::Relaxed);
+        });
+        // Fails only when the thread is gone (the process is ending).
+        let _ = w.jobs.send(job);
     }
 
     fn current(&self) -> Arc<Material> {
@@ -466,6 +541,7 @@ impl Bridge {
         self: Arc<Self>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), BridgeError> {
+        self.start_workers()?;
         let mut listeners = Vec::new();
         for (i, t) in self.cfg.tunnels.iter().enumerate() {
             let l = TcpListener::bind(t.listen).await.map_err(|source| BridgeError::Listen {
@@ -507,11 +583,21 @@ impl Bridge {
                 tracing::warn!(tunnel = %self.cfg.tunnels[i].name, %from, "refused: too many connections");
                 continue;
             };
+            // Moved to a connection thread's own reactor there.
+            let Ok(stream) = stream.into_std() else { continue };
             let me = self.clone();
-            tokio::spawn(async move {
+            self.dispatch(async move {
                 let _permit = permit;
                 let t = &me.cfg.tunnels[i];
                 let c = me.counters[i].1.clone();
+                let stream = match TcpStream::from_std(stream) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        c.refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(tunnel = %t.name, %from, "refused: {e}");
+                        return;
+                    }
+                };
                 match me.handle(i, stream, from).await {
                     Ok(()) => {}
                     Err(reason) => {

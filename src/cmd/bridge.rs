@@ -48,6 +48,7 @@ struct StatusArgs {
   idle_timeout_secs = 3600      # top level: close idle connections
   max_connections = 1024        # top level: per tunnel
   session_resumption = true     # top level: TLS session tickets / IDs (a reload forgets them)
+  workers = 0                   # top level: connection threads, 0 = one per core
 
   [[tunnel]]
   name = \"mariadb\"
