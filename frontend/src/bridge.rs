@@ -11,12 +11,12 @@
 //! are reloaded on SIGHUP and when their files change, without touching
 //! established connections.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
@@ -76,6 +76,34 @@ pub struct BridgeConfig {
     pub workers: usize,
     #[serde(rename = "tunnel")]
     pub tunnels: Vec<TunnelConfig>,
+}
+
+impl BridgeConfig {
+    /// Checks what serde cannot: at least one tunnel, readable `allow`
+    /// rules, no two tunnels with the same name or listening address.
+    pub fn validate(&self) -> Result<(), BridgeError> {
+        if self.tunnels.is_empty() {
+            return Err(BridgeError::Config("no [[tunnel]]: nothing to do".into()));
+        }
+        for (i, t) in self.tunnels.iter().enumerate() {
+            for a in &t.allow {
+                a.parse::<Allow>()
+                    .map_err(|e| BridgeError::Config(format!("tunnel {}: allow {e}", t.name)))?;
+            }
+            for u in &self.tunnels[..i] {
+                if u.name == t.name {
+                    return Err(BridgeError::Config(format!("two tunnels are named {:?}", t.name)));
+                }
+                if u.listen == t.listen {
+                    return Err(BridgeError::Config(format!(
+                        "tunnels {} and {} both listen on {}",
+                        u.name, t.name, t.listen
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_idle() -> u64 {
@@ -216,6 +244,7 @@ impl PeerIdentity {
 }
 
 /// Certificates loaded from disk, rebuilt on reload.
+#[derive(Clone)]
 struct Material {
     acceptor: TlsAcceptor,
     connector: TlsConnector,
@@ -330,12 +359,44 @@ pub struct Counters {
 
 /// A running bridge.
 pub struct Bridge {
-    cfg: BridgeConfig,
+    /// The config file, read again by [`Bridge::reload`] (`None`: built
+    /// from a config in code; a reload then reloads the certificates only).
+    source: Option<PathBuf>,
+    /// The config file's modification time when last read.
+    source_stamp: Mutex<Option<SystemTime>>,
+    cfg: RwLock<Arc<BridgeConfig>>,
     material: RwLock<Arc<Material>>,
-    /// Counters by tunnel name.
-    pub counters: Vec<(String, Arc<Counters>)>,
+    /// The listening tunnels, in config order.
+    tunnels: RwLock<Vec<Arc<Live>>>,
+    /// One reload at a time (SIGHUP and the file poll).
+    reloading: tokio::sync::Mutex<()>,
     /// Connection threads, started by the first [`Bridge::run`].
     workers: OnceLock<Vec<Worker>>,
+}
+
+/// A listening tunnel. A reload that keeps its `listen` address keeps the
+/// listener and the counters and swaps the rest of its configuration (new
+/// connections see it; open ones go on as they started).
+struct Live {
+    listen: SocketAddr,
+    cfg: RwLock<Arc<TunnelConfig>>,
+    counters: Arc<Counters>,
+    /// Bounds open connections (`max_connections`).
+    limit: RwLock<Arc<Semaphore>>,
+    /// Stops the accept loop (the tunnel was removed by a reload).
+    accept: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Live {
+    fn config(&self) -> Arc<TunnelConfig> {
+        self.cfg.read().expect("not poisoned").clone()
+    }
+
+    fn stop(&self) {
+        if let Some(a) = self.accept.lock().expect("not poisoned").take() {
+            a.abort();
+        }
+    }
 }
 
 /// A connection's whole life, from the accepted socket to the close.
@@ -366,21 +427,30 @@ impl Worker {
 impl Bridge {
     /// Checks the configuration and loads the certificates.
     pub fn new(cfg: BridgeConfig) -> Result<Arc<Self>, BridgeError> {
-        if cfg.tunnels.is_empty() {
-            return Err(BridgeError::Config("no [[tunnel]]: nothing to do".into()));
-        }
-        for t in &cfg.tunnels {
-            for a in &t.allow {
-                a.parse::<Allow>()
-                    .map_err(|e| BridgeError::Config(format!("tunnel {}: allow {e}", t.name)))?;
-            }
-        }
+        Self::build(cfg, None, None)
+    }
+
+    /// Reads a `bridge.toml` and loads its certificates; [`Bridge::reload`]
+    /// reads the file again.
+    pub fn from_file(path: &Path) -> Result<Arc<Self>, BridgeError> {
+        let (cfg, stamp) = read_config(path)?;
+        Self::build(cfg, Some(path.to_owned()), stamp)
+    }
+
+    fn build(
+        cfg: BridgeConfig,
+        source: Option<PathBuf>,
+        stamp: Option<SystemTime>,
+    ) -> Result<Arc<Self>, BridgeError> {
+        cfg.validate()?;
         let material = cfg.tls.load(cfg.session_resumption)?;
-        let counters = cfg.tunnels.iter().map(|t| (t.name.clone(), Arc::new(Counters::default()))).collect();
         Ok(Arc::new(Bridge {
+            source,
+            source_stamp: Mutex::new(stamp),
             material: RwLock::new(Arc::new(material)),
-            counters,
-            cfg,
+            cfg: RwLock::new(Arc::new(cfg)),
+            tunnels: RwLock::new(Vec::new()),
+            reloading: tokio::sync::Mutex::new(()),
             workers: OnceLock::new(),
         }))
     }
@@ -390,7 +460,7 @@ impl Bridge {
         if self.workers.get().is_some() {
             return Ok(());
         }
-        let n = match self.cfg.workers {
+        let n = match self.config().workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
@@ -405,7 +475,8 @@ impl Bridge {
     /// Runs `job` on the least loaded connection thread (or here, if
     /// there are none).
     fn dispatch(&self, job: impl Future<Output = ()> + Send + 'static) {
-        let Some(w) = self.workers.get().and_then(|ws| ws.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)))
+        let Some(w) =
+            self.workers.get().and_then(|ws| ws.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)))
         else {
             tokio::spawn(job);
             return;
@@ -424,31 +495,121 @@ impl Bridge {
         self.material.read().expect("not poisoned").clone()
     }
 
-    /// Reloads certificates, key, CA and CRL. Open connections keep the
-    /// material they started with; on error the old material stays.
-    pub fn reload(&self) -> Result<(), BridgeError> {
-        let m = self.cfg.tls.load(self.cfg.session_resumption)?;
+    fn config(&self) -> Arc<BridgeConfig> {
+        self.cfg.read().expect("not poisoned").clone()
+    }
+
+    fn live(&self) -> Vec<Arc<Live>> {
+        self.tunnels.read().expect("not poisoned").clone()
+    }
+
+    /// Reloads the certificates, key, CA and CRL of the current config.
+    fn reload_material(&self) -> Result<(), BridgeError> {
+        let cfg = self.config();
+        let m = cfg.tls.load(cfg.session_resumption)?;
         *self.material.write().expect("not poisoned") = Arc::new(m);
         tracing::info!("bridge certificates reloaded");
         Ok(())
     }
 
-    /// Reloads if any of the files changed since the last load.
-    pub fn reload_if_changed(&self) {
-        if self.cfg.tls.stamps() != self.current().stamp
-            && let Err(e) = self.reload()
-        {
-            tracing::warn!("certificate files changed but cannot be loaded (keeping the old ones): {e}");
+    /// Reads the config file again (if the bridge came from one) and
+    /// reloads certificates, key, CA and CRL. Tunnels whose `listen`
+    /// address stays keep their listener and counters and take their new
+    /// settings; new ones start listening; removed ones stop accepting.
+    /// Open connections are never touched: they keep the settings and
+    /// certificates they started with. All or nothing: if the new file is
+    /// invalid, a certificate cannot be loaded or a new address cannot be
+    /// bound, everything stays as it was and the error says why.
+    pub async fn reload(self: &Arc<Self>) -> Result<(), BridgeError> {
+        let _one = self.reloading.lock().await;
+        let Some(path) = &self.source else { return self.reload_material() };
+        let (cfg, stamp) = read_config(path)?;
+        *self.source_stamp.lock().expect("not poisoned") = stamp;
+        cfg.validate()?;
+        let material = cfg.tls.load(cfg.session_resumption)?;
+        if cfg.workers != self.config().workers {
+            tracing::warn!("bridge config: a new `workers` takes effect at the next start");
+        }
+        let current = self.live();
+        // Bind the new addresses before changing anything.
+        let mut fresh = Vec::new();
+        for t in &cfg.tunnels {
+            if !current.iter().any(|l| l.listen == t.listen) {
+                fresh.push((t.listen, bind(t).await?));
+            }
+        }
+        *self.material.write().expect("not poisoned") = Arc::new(material);
+        let max = cfg.max_connections.max(1);
+        let mut next = Vec::new();
+        let (mut added, mut kept) = (0, 0);
+        for t in &cfg.tunnels {
+            if let Some(l) = current.iter().find(|l| l.listen == t.listen) {
+                *l.cfg.write().expect("not poisoned") = Arc::new(t.clone());
+                if max != self.config().max_connections.max(1) {
+                    *l.limit.write().expect("not poisoned") = Arc::new(Semaphore::new(max));
+                }
+                next.push(l.clone());
+                kept += 1;
+            } else if let Some(i) = fresh.iter().position(|(a, _)| *a == t.listen) {
+                let (_, listener) = fresh.swap_remove(i);
+                next.push(self.start_tunnel(t, listener, max));
+                added += 1;
+            }
+        }
+        let mut removed = 0;
+        for l in &current {
+            if !next.iter().any(|n| Arc::ptr_eq(n, l)) {
+                l.stop();
+                removed += 1;
+                tracing::info!(tunnel = %l.config().name, listen = %l.listen,
+                    "tunnel removed: no new connections, open ones go on");
+            }
+        }
+        *self.cfg.write().expect("not poisoned") = Arc::new(cfg);
+        *self.tunnels.write().expect("not poisoned") = next;
+        tracing::info!(kept, added, removed, "bridge configuration and certificates reloaded");
+        Ok(())
+    }
+
+    /// Reloads if the config file or any certificate file changed since it
+    /// was last read. A file that fails to load is reported once, not
+    /// every poll: the bridge goes on with what it has until the file
+    /// changes again (or SIGHUP).
+    pub async fn reload_if_changed(self: &Arc<Self>) {
+        if let Some(path) = &self.source {
+            let stamp = mtime(path);
+            if stamp != *self.source_stamp.lock().expect("not poisoned") {
+                if let Err(e) = self.reload().await {
+                    *self.source_stamp.lock().expect("not poisoned") = stamp;
+                    tracing::warn!(
+                        "{} changed but cannot be used (keeping the running config): {e}",
+                        path.display()
+                    );
+                }
+                return;
+            }
+        }
+        let cfg = self.config();
+        if cfg.tls.stamps() != self.current().stamp {
+            let _one = self.reloading.lock().await;
+            if let Err(e) = self.reload_material() {
+                // Remember the stamps, so that the warning is not repeated every poll.
+                let mut m = (*self.current()).clone();
+                m.stamp = cfg.tls.stamps();
+                *self.material.write().expect("not poisoned") = Arc::new(m);
+                tracing::warn!("certificate files changed but cannot be loaded (keeping the old ones): {e}");
+            }
         }
     }
 
     /// Per-tunnel counters as JSON (for `sixmesh bridge status`).
     pub fn status_json(&self) -> String {
         let tunnels: Vec<String> = self
-            .counters
+            .live()
             .iter()
-            .zip(&self.cfg.tunnels)
-            .map(|((name, c), t)| {
+            .map(|l| {
+                let (t, c) = (l.config(), &l.counters);
+                let name = &t.name;
                 format!(
                     "{{\"name\":{name:?},\"mode\":\"{}\",\"listen\":\"{}\",\"connect\":\"{}\",\"accepted\":{},\"resumed\":{},\"refused\":{},\"active\":{},\"bytes_in\":{},\"bytes_out\":{}}}",
                     if t.mode == Mode::Client { "client" } else { "server" },
@@ -469,6 +630,7 @@ impl Bridge {
     /// Per-tunnel counters in Prometheus's text format.
     pub fn metrics(&self) -> String {
         let mut m = String::new();
+        let live = self.live();
         let series: [Series; 6] = [
             ("connections_total", "counter", "Connections accepted.", |c| c.accepted.load(Ordering::Relaxed)),
             ("resumed_total", "counter", "Accepted connections that resumed a TLS session.", |c| {
@@ -489,7 +651,8 @@ impl Bridge {
             m.push_str(&format!(
                 "# HELP sixmesh_bridge_{name} {help}\n# TYPE sixmesh_bridge_{name} {kind}\n"
             ));
-            for (tunnel, c) in &self.counters {
+            for l in &live {
+                let (tunnel, c) = (&l.config().name, &l.counters);
                 m.push_str(&format!("sixmesh_bridge_{name}{{tunnel={tunnel:?}}} {}\n", get(c)));
             }
         }
@@ -536,60 +699,83 @@ impl Bridge {
         }
     }
 
-    /// Binds every tunnel's listener and serves until the future ends.
+    /// Binds every tunnel's listener and serves until the future ends
+    /// (SIGHUP, or a changed config or certificate file, reloads).
     pub async fn run(
         self: Arc<Self>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), BridgeError> {
         self.start_workers()?;
+        let cfg = self.config();
         let mut listeners = Vec::new();
-        for (i, t) in self.cfg.tunnels.iter().enumerate() {
-            let l = TcpListener::bind(t.listen).await.map_err(|source| BridgeError::Listen {
-                tunnel: t.name.clone(),
-                addr: t.listen,
-                source,
-            })?;
-            tracing::info!(tunnel = %t.name, mode = ?t.mode, listen = %t.listen, connect = %t.connect, "tunnel ready");
-            listeners.push((i, l));
+        for t in &cfg.tunnels {
+            listeners.push(bind(t).await?);
         }
-        for (i, l) in listeners {
-            tokio::spawn(self.clone().accept_loop(i, l));
-        }
+        let max = cfg.max_connections.max(1);
+        let live = cfg.tunnels.iter().zip(listeners).map(|(t, l)| self.start_tunnel(t, l, max)).collect();
+        *self.tunnels.write().expect("not poisoned") = live;
         let me = self.clone();
-        tokio::spawn(async move {
+        let watcher = tokio::spawn(async move {
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             let mut tick = tokio::time::interval(Duration::from_secs(2));
             loop {
                 tokio::select! {
                     _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
-                        if let Err(e) = me.reload() {
-                            tracing::warn!("SIGHUP: cannot reload (keeping the old certificates): {e}");
+                        if let Err(e) = me.reload().await {
+                            tracing::warn!("SIGHUP: cannot reload (keeping the running config and certificates): {e}");
                         }
                     }
-                    _ = tick.tick() => me.reload_if_changed(),
+                    _ = tick.tick() => me.reload_if_changed().await,
                 }
             }
         });
         shutdown.await;
+        watcher.abort();
+        for l in self.live() {
+            l.stop();
+        }
         Ok(())
     }
 
-    async fn accept_loop(self: Arc<Self>, i: usize, l: TcpListener) {
-        let limit = Arc::new(Semaphore::new(self.cfg.max_connections.max(1)));
+    /// Starts accepting on a bound listener.
+    fn start_tunnel(self: &Arc<Self>, t: &TunnelConfig, l: TcpListener, max: usize) -> Arc<Live> {
+        tracing::info!(tunnel = %t.name, mode = ?t.mode, listen = %t.listen, connect = %t.connect, "tunnel ready");
+        let live = Arc::new(Live {
+            listen: t.listen,
+            cfg: RwLock::new(Arc::new(t.clone())),
+            counters: Arc::new(Counters::default()),
+            limit: RwLock::new(Arc::new(Semaphore::new(max))),
+            accept: Mutex::new(None),
+        });
+        let task = tokio::spawn(self.clone().accept_loop(live.clone(), l));
+        *live.accept.lock().expect("not poisoned") = Some(task.abort_handle());
+        live
+    }
+
+    async fn accept_loop(self: Arc<Self>, live: Arc<Live>, l: TcpListener) {
         loop {
-            let Ok((stream, from)) = l.accept().await else { continue };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                self.counters[i].1.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(tunnel = %self.cfg.tunnels[i].name, %from, "refused: too many connections");
+            let (stream, from) = match l.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    // E.g. out of file descriptors: wait instead of spinning.
+                    tracing::warn!(listen = %live.listen, "accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let t = live.config();
+            let limit = live.limit.read().expect("not poisoned").clone();
+            let Ok(permit) = limit.try_acquire_owned() else {
+                live.counters.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(tunnel = %t.name, %from, "refused: too many connections");
                 continue;
             };
             // Moved to a connection thread's own reactor there.
             let Ok(stream) = stream.into_std() else { continue };
             let me = self.clone();
+            let c = live.counters.clone();
             self.dispatch(async move {
                 let _permit = permit;
-                let t = &me.cfg.tunnels[i];
-                let c = me.counters[i].1.clone();
                 let stream = match TcpStream::from_std(stream) {
                     Ok(s) => s,
                     Err(e) => {
@@ -598,24 +784,25 @@ impl Bridge {
                         return;
                     }
                 };
-                match me.handle(i, stream, from).await {
-                    Ok(()) => {}
-                    Err(reason) => {
-                        c.refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(tunnel = %t.name, %from, "refused: {reason}");
-                    }
+                if let Err(reason) = me.handle(&t, &c, stream, from).await {
+                    c.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(tunnel = %t.name, %from, "refused: {reason}");
                 }
             });
         }
     }
 
-    async fn handle(&self, i: usize, plain_or_tls: TcpStream, from: SocketAddr) -> Result<(), String> {
-        let t = &self.cfg.tunnels[i];
+    async fn handle(
+        &self,
+        t: &TunnelConfig,
+        counters: &Arc<Counters>,
+        plain_or_tls: TcpStream,
+        from: SocketAddr,
+    ) -> Result<(), String> {
         let rules: Vec<Allow> = t.allow.iter().filter_map(|a| a.parse().ok()).collect();
-        let counters = &self.counters[i].1;
         let m = self.current();
         let handshake = Duration::from_secs(10);
-        let idle = Duration::from_secs(self.cfg.idle_timeout_secs.max(1));
+        let idle = Duration::from_secs(self.config().idle_timeout_secs.max(1));
         let _ = plain_or_tls.set_nodelay(true);
         match t.mode {
             Mode::Server => {
@@ -688,6 +875,28 @@ impl Bridge {
         }
         Ok(())
     }
+}
+
+/// Binds a tunnel's listener.
+async fn bind(t: &TunnelConfig) -> Result<TcpListener, BridgeError> {
+    TcpListener::bind(t.listen).await.map_err(|source| BridgeError::Listen {
+        tunnel: t.name.clone(),
+        addr: t.listen,
+        source,
+    })
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Reads and parses a `bridge.toml`, with its modification time.
+fn read_config(path: &Path) -> Result<(BridgeConfig, Option<SystemTime>), BridgeError> {
+    let stamp = mtime(path);
+    let file_err = |msg: String| BridgeError::File { path: path.to_owned(), msg };
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(format!("cannot read it: {e}")))?;
+    let cfg = toml::from_str(&text).map_err(|e| file_err(format!("not a valid bridge config: {e}")))?;
+    Ok((cfg, stamp))
 }
 
 /// Most bytes moved per write: what is ready on the reading side is read
@@ -860,5 +1069,16 @@ mod tests {
         assert!(bad.unwrap_err().to_string().contains("sideways"));
         let bad = toml::from_str::<BridgeConfig>("colour = 1\ntunnel = []\n");
         assert!(bad.unwrap_err().to_string().contains("colour"));
+        ok.validate().unwrap();
+        let mut twice = ok.clone();
+        twice.tunnels.push(ok.tunnels[0].clone());
+        assert!(twice.validate().unwrap_err().to_string().contains("two tunnels are named \"db\""));
+        twice.tunnels[1].name = "db2".into();
+        assert!(twice.validate().unwrap_err().to_string().contains("both listen on [::]:3307"));
+        twice.tunnels.clear();
+        assert!(twice.validate().unwrap_err().to_string().contains("no [[tunnel]]"));
+        let mut rule = ok.clone();
+        rule.tunnels[0].allow = vec!["colour:blue".into()];
+        assert!(rule.validate().unwrap_err().to_string().contains("tunnel db: allow"));
     }
 }

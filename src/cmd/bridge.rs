@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use sixmesh_frontend::bridge::{Bridge, BridgeConfig, BridgeError};
+use sixmesh_frontend::bridge::{Bridge, BridgeError};
 use sixmesh_mesh_node::daemon::Reporter;
 
 #[derive(Debug, Args)]
@@ -18,7 +18,8 @@ pub struct BridgeArgs {
 
 #[derive(Debug, Subcommand)]
 enum BridgeCommand {
-    /// Run the tunnels of a bridge.toml (SIGHUP or a changed file reloads the certificates)
+    /// Run the tunnels of a bridge.toml (SIGHUP, or a changed bridge.toml or certificate, reloads them
+    /// without dropping open connections)
     Run(RunArgs),
     /// Print each tunnel's counters (connections, refusals, bytes) from a running bridge, or from a
     /// node that runs one (`--control /run/sixmesh/node.sock`)
@@ -150,10 +151,7 @@ pub fn print_tunnels(v: &serde_json::Value) {
 
 /// Reads a bridge.toml and loads its certificates.
 pub fn load(path: &Path) -> Result<Arc<Bridge>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let cfg: BridgeConfig =
-        toml::from_str(&text).with_context(|| format!("{} is not a valid bridge config", path.display()))?;
-    Ok(Bridge::new(cfg)?)
+    Ok(Bridge::from_file(path)?)
 }
 
 /// How a bridge run by `sixmesh node run --bridge` reports through the

@@ -1,6 +1,7 @@
 //! The TLS bridge against real stunnel4, both directions, carrying a line
 //! echo end to end, resuming TLS sessions both ways; and the refusals (plain TCP, unknown CA, revoked
-//! certificate), each with a logged reason. Loopback only: no root needed.
+//! certificate), each with a logged reason; and the reload of the config file without dropping open
+//! connections. Loopback only: no root needed.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -323,5 +324,112 @@ fn bridge_and_stunnel_interoperate_both_ways_and_refuse_what_they_should() {
     );
     assert_eq!(roundtrip("after rotation"), "after rotation", "the open connection did not survive");
     assert!(log_text().contains("reloaded"), "{}", log_text());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// One round trip on an open connection.
+fn roundtrip(s: &mut TcpStream, r: &mut BufReader<TcpStream>, msg: &str) -> String {
+    writeln!(s, "{msg}").unwrap();
+    let mut l = String::new();
+    r.read_line(&mut l).unwrap();
+    l.trim_end().to_string()
+}
+
+/// Waits up to 10 s for `cond`.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The config file reloads (SIGHUP, or the file changing) without dropping
+/// open connections: a changed `allow` applies to new connections only, a
+/// new tunnel starts listening, a removed one stops accepting while its
+/// open connection goes on, and a broken file changes nothing.
+#[test]
+fn bridge_config_reloads_without_dropping_connections() {
+    let dir: PathBuf = std::env::temp_dir().join(format!("sixmesh-bridge-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    pki(&dir);
+    let echo = echo_server();
+    let (first, second, server) = (free_port(), free_port(), free_port());
+    let d = dir.display();
+    let tls = format!("[tls]\ncert = \"{d}/ours.pem\"\nkey = \"{d}/ours.key\"\nca = \"{d}/ca.pem\"\n\n");
+    let server_tunnel = format!(
+        "[[tunnel]]\nname = \"server\"\nmode = \"server\"\nlisten = \"[::1]:{server}\"\nconnect = \"127.0.0.1:{echo}\"\n\n"
+    );
+    let client = |name: &str, port: u16, allow: &str| {
+        format!(
+            "[[tunnel]]\nname = \"{name}\"\nmode = \"client\"\nlisten = \"127.0.0.1:{port}\"\n\
+             connect = \"[::1]:{server}\"\nallow = [\"{allow}\"]\n\n"
+        )
+    };
+    let conf = dir.join("bridge.toml");
+    // Written through a rename, as editors and config managers do.
+    let write = |text: String| {
+        std::fs::write(dir.join("bridge.toml.tmp"), text).unwrap();
+        std::fs::rename(dir.join("bridge.toml.tmp"), &conf).unwrap();
+    };
+    write(format!("{tls}{server_tunnel}{}", client("first", first, "cn:ours")));
+    let log = dir.join("bridge.log");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let sock = dir.join("bridge.sock");
+    let bridge = Killed(
+        Command::new(sixmesh_bin())
+            .args(["bridge", "run", "--config", conf.to_str().unwrap(), "--control", sock.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(ask(first, "hello").unwrap(), "hello");
+    let mut open = TcpStream::connect(("127.0.0.1", first)).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = BufReader::new(open.try_clone().unwrap());
+    assert_eq!(roundtrip(&mut open, &mut reader, "open"), "open");
+
+    // SIGHUP: "first" no longer allows our server's certificate, "second" is new.
+    write(format!(
+        "{tls}{server_tunnel}{}{}",
+        client("first", first, "cn:nobody"),
+        client("second", second, "any")
+    ));
+    let hup = Command::new("kill").args(["-HUP", &bridge.0.id().to_string()]).status().unwrap();
+    assert!(hup.success());
+    wait_for("the SIGHUP reload", || log_text().contains("bridge configuration and certificates reloaded"));
+    assert_eq!(ask(second, "new tunnel").unwrap(), "new tunnel");
+    assert!(ask(first, "refused now").is_err(), "the new allow rule did not apply");
+    assert!(log_text().contains("is not allowed on this tunnel"), "{}", log_text());
+    assert_eq!(
+        roundtrip(&mut open, &mut reader, "still open"),
+        "still open",
+        "the open connection was dropped"
+    );
+
+    // The file changes (no signal): "first" is removed.
+    write(format!("{tls}{server_tunnel}{}", client("second", second, "any")));
+    wait_for("the removed tunnel to stop listening", || TcpStream::connect(("127.0.0.1", first)).is_err());
+    assert!(log_text().contains("tunnel removed"), "{}", log_text());
+    assert_eq!(
+        roundtrip(&mut open, &mut reader, "removed but open"),
+        "removed but open",
+        "the open connection of a removed tunnel was dropped"
+    );
+    assert_eq!(ask(second, "second still").unwrap(), "second still");
+
+    // A broken file is reported and changes nothing.
+    write(format!("{tls}{server_tunnel}[[tunnel]]\nname = \"broken\"\n"));
+    wait_for("the broken file to be reported", || log_text().contains("keeping the running config"));
+    assert_eq!(ask(second, "after broken").unwrap(), "after broken");
+    let status = Command::new(sixmesh_bin())
+        .args(["bridge", "status", "--json", "--control", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("\"second\"") && !status.contains("\"first\""), "{status}");
+    drop(bridge);
     std::fs::remove_dir_all(&dir).unwrap();
 }
