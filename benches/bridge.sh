@@ -162,11 +162,17 @@ print(f"{n / (time.time() - t0):.0f} {resumed / n:.2f}")
 PY
 cat > plain.py <<'PY'
 import socket, sys, time
-port, secs, n, t0 = int(sys.argv[1]), float(sys.argv[2]), 0, time.time()
+port, secs, n, failed, t0 = int(sys.argv[1]), float(sys.argv[2]), 0, 0, time.time()
 while time.time() - t0 < secs:
-    s = socket.create_connection(("127.0.0.1", port)); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.sendall(b"x"); s.recv(1); s.close(); n += 1
-print(f"{n / (time.time() - t0):.0f} {n}")
+    try:
+        s = socket.create_connection(("127.0.0.1", port)); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"x")
+        if s.recv(1) == b"x": n += 1
+        else: failed += 1
+        s.close()
+    except OSError:
+        failed += 1
+print(f"{n / (time.time() - t0):.0f} {n} {failed}")
 PY
 # stunnel logs a verified client certificate for full handshakes only: resumed = accepted - verified.
 st_counts() { # service -> "accepted resumed"
@@ -185,7 +191,11 @@ pair() { # plain-port stunnel|sixmesh tunnel [clients] -> "conn/s resumed-fracti
     read -r a0 r0 < <($counts "$3")
     out=$(for i in $(seq "${4:-1}"); do python3 plain.py "$1" "$CONN_SECS" & done; wait)
     read -r a1 r1 < <($counts "$3")
-    python3 -c "import sys; print(sum(int(l.split()[0]) for l in sys.argv[1].splitlines()), f'{($r1 - $r0) / max(1, $a1 - $a0):.2f}')" "$out"
+    python3 -c "import sys
+rows = [l.split() for l in sys.argv[1].splitlines() if l.strip()]
+failed = sum(int(r[2]) for r in rows)
+if failed: print(f'{failed} connections failed', file=sys.stderr)
+print(sum(int(r[0]) for r in rows), f'{($r1 - $r0) / max(1, $a1 - $a0):.2f}')" "$out"
 }
 echo
 echo "new connections per second, sequential, ${CONN_SECS} s each (resumed: fraction that resumed)"
