@@ -91,6 +91,9 @@ pub struct MeshConfig {
     /// Upstream bandwidth of each node's access link in bytes per second
     /// (packets queue behind each other). Empty or `None`: unlimited.
     pub uplink: Vec<Option<u64>>,
+    /// Threads to run on (0: one per core, at most one per 100 nodes). The
+    /// result is the same whatever the number.
+    pub threads: usize,
 }
 
 impl MeshConfig {
@@ -106,6 +109,7 @@ impl MeshConfig {
             nat: Vec::new(),
             initially_down: Vec::new(),
             uplink: Vec::new(),
+            threads: 0,
         }
     }
 }
@@ -117,6 +121,16 @@ enum Ev {
     Handshake { from: NodeId, to: NodeId },
     /// The handshake answer reaches `from`.
     HandshakeDone { from: NodeId, to: NodeId },
+}
+
+impl Ev {
+    /// The node the event happens at.
+    fn at_node(&self) -> NodeId {
+        match self {
+            Ev::Packet { to, .. } | Ev::Handshake { to, .. } => *to,
+            Ev::HandshakeDone { from, .. } => *from,
+        }
+    }
 }
 
 /// Counters of the underlay.
@@ -161,32 +175,321 @@ pub enum Walk {
     Loop { path: Vec<NodeId> },
 }
 
+/// What a node is, beside its core: the state only the thread that runs
+/// the node touches.
+struct Node {
+    core: NodeCore,
+    /// The timer in the node's part's heap, if any.
+    scheduled: Option<Instant>,
+    /// When its uplink is free again (bandwidth-limited nodes).
+    busy_until: Instant,
+    traffic: NodeTraffic,
+    /// Last seqno the node persisted (a restart resumes from it).
+    seqno: u16,
+    /// Loss and jitter of what the node sends: one generator per node, so
+    /// that a run does not depend on how nodes are shared out to threads.
+    rng: Rng,
+    /// Events the node has sent: with its id, the tie-break between
+    /// events due at the same nanosecond.
+    sent: u64,
+}
+
+/// A share of the nodes (a contiguous range) and their pending events,
+/// run by one thread within a window of virtual time.
+#[derive(Default)]
+struct Part {
+    /// In-flight events due at this part's nodes: (arrival in ns since the
+    /// start, sender, sender's count, slot in `pending`).
+    queue: BinaryHeap<Reverse<(u64, u32, u64, u32)>>,
+    /// The events themselves, in reusable slots.
+    pending: Vec<Option<Ev>>,
+    free: Vec<u32>,
+    /// The nodes' next timers (stale entries are skipped).
+    timers: BinaryHeap<Reverse<(Instant, NodeId)>>,
+    /// Events for other parts' nodes, handed over at the end of a window.
+    outbox: Vec<(u64, u32, u64, Ev)>,
+    stats: MeshStats,
+    /// Probes delivered: (from, to, sent at).
+    delivered: Vec<(NodeId, NodeId, Instant)>,
+}
+
+impl Part {
+    fn insert(&mut self, key: (u64, u32, u64), ev: Ev) {
+        let slot = match self.free.pop() {
+            Some(k) => {
+                self.pending[k as usize] = Some(ev);
+                k
+            }
+            None => {
+                self.pending.push(Some(ev));
+                (self.pending.len() - 1) as u32
+            }
+        };
+        self.queue.push(Reverse((key.0, key.1, key.2, slot)));
+    }
+
+    /// When its next event or timer is due (stale timers dropped).
+    fn next_due(&mut self, start: Instant, nodes: &[Node], lo: usize, alive: &[bool]) -> Option<Instant> {
+        while let Some(Reverse((t, n))) = self.timers.peek().copied() {
+            if nodes[n - lo].scheduled == Some(t) && alive[n] {
+                break;
+            }
+            self.timers.pop();
+        }
+        let ev = self.queue.peek().map(|Reverse((t, ..))| start + Duration::from_nanos(*t));
+        let timer = self.timers.peek().map(|Reverse((t, _))| *t);
+        match (ev, timer) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// What every thread reads and none changes during a window.
+struct Ctx<'a> {
+    start: Instant,
+    cfg: &'a MeshConfig,
+    alive: &'a [bool],
+    island: &'a [u32],
+    overrides: &'a HashMap<(NodeId, NodeId), bool>,
+    paths: &'a (dyn Fn(NodeId, NodeId) -> PathParams + Send + Sync),
+    by_prefix: &'a HashMap<Ipv6Net, NodeId>,
+    /// Nodes per part (the last part may have fewer).
+    chunk: usize,
+}
+
+impl Ctx<'_> {
+    fn path(&self, a: NodeId, b: NodeId) -> PathParams {
+        let (a, b) = pair(a, b);
+        (self.paths)(a, b)
+    }
+
+    fn link_up(&self, a: NodeId, b: NodeId) -> bool {
+        if a == b {
+            return true;
+        }
+        if self.island[a] != self.island[b] {
+            return false;
+        }
+        let k = pair(a, b);
+        match self.overrides.get(&k) {
+            Some(up) => *up,
+            None => !(self.paths)(k.0, k.1).broken,
+        }
+    }
+
+    fn path_up(&self, a: NodeId, b: NodeId) -> bool {
+        self.alive[a] && self.alive[b] && self.link_up(a, b)
+    }
+
+    fn is_nat(&self, i: NodeId) -> bool {
+        self.cfg.nat.get(i).copied().unwrap_or(false)
+    }
+
+    /// Sends `ev` from `from`, due at `at`: into this part's queue, or the
+    /// outbox if another part runs the node it happens at.
+    fn push(&self, part: &mut Part, me: usize, from: &mut Node, from_id: NodeId, at: Instant, ev: Ev) {
+        from.sent += 1;
+        let key = ((at - self.start).as_nanos() as u64, from_id as u32, from.sent);
+        if ev.at_node() / self.chunk == me {
+            part.insert(key, ev);
+        } else {
+            part.outbox.push((key.0, key.1, key.2, ev));
+        }
+    }
+
+    /// When a packet of `bytes` sent at `now` by `i` to `j` arrives, or
+    /// `None` if the underlay loses it.
+    fn transit(&self, node: &mut Node, i: NodeId, j: NodeId, bytes: u64, now: Instant) -> Option<Instant> {
+        if !self.path_up(i, j) {
+            return None;
+        }
+        let p = self.path(i, j);
+        if p.loss > 0.0 && node.rng.next_f64() < p.loss {
+            return None;
+        }
+        let mut depart = now;
+        if let Some(Some(bw)) = self.cfg.uplink.get(i)
+            && *bw > 0
+        {
+            depart = depart.max(node.busy_until) + Duration::from_secs_f64(bytes as f64 / *bw as f64);
+            node.busy_until = depart;
+        }
+        let jitter = if p.jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(node.rng.next_u64() % p.jitter.as_nanos().max(1) as u64)
+        };
+        Some(depart + p.latency + jitter)
+    }
+
+    /// Moves node `i`'s outputs onto the underlay and keeps its timer.
+    /// `nodes` are part `me`'s, starting at node `lo`.
+    fn after(&self, nodes: &mut [Node], lo: usize, me: usize, part: &mut Part, i: NodeId, now: Instant) {
+        let node = &mut nodes[i - lo];
+        while let Some(o) = node.core.poll_output() {
+            match o {
+                Output::ToTunnel { peer, packet } => {
+                    let Some(&j) = self.by_prefix.get(&peer) else { continue };
+                    part.stats.packets += 1;
+                    part.stats.bytes += packet.len() as u64;
+                    let wire = packet.len() as u64 + WIRE_OVERHEAD;
+                    if is_control(&packet) {
+                        node.traffic.control_tx_bytes += wire;
+                        node.traffic.control_tx_packets += 1;
+                    } else {
+                        node.traffic.data_tx_bytes += wire;
+                    }
+                    match self.transit(node, i, j, wire, now) {
+                        Some(at) => self.push(part, me, node, i, at, Ev::Packet { from: i, to: j, packet }),
+                        None => part.stats.lost += 1,
+                    }
+                }
+                Output::ToTun(packet) => {
+                    if let Ok(h) = packet::parse_ipv6(&packet)
+                        && let Some(payload) = packet::udp_payload(&packet, &h, PROBE_PORT)
+                        && payload.len() == 16
+                    {
+                        let from = u64::from_be_bytes(payload[..8].try_into().expect("8")) as usize;
+                        let sent = u64::from_be_bytes(payload[8..].try_into().expect("8"));
+                        part.delivered.push((from, i, self.start + Duration::from_micros(sent)));
+                    }
+                }
+            }
+        }
+        while let Some(e) = node.core.poll_event() {
+            match e {
+                NodeEvent::Manager(Action::Connect { peer, .. }) => {
+                    let Some(&j) = self.by_prefix.get(&peer) else { continue };
+                    node.traffic.control_tx_bytes += HANDSHAKE_BYTES.0;
+                    node.traffic.control_tx_packets += 1;
+                    if let Some(at) = self.transit(node, i, j, HANDSHAKE_BYTES.0, now) {
+                        self.push(part, me, node, i, at, Ev::Handshake { from: i, to: j });
+                    }
+                }
+                NodeEvent::SeqnoChanged(s) => node.seqno = s,
+                _ => {}
+            }
+        }
+        if !self.alive[i] {
+            return;
+        }
+        let next = node.core.poll_timeout();
+        if Some(next) != node.scheduled {
+            node.scheduled = Some(next);
+            part.timers.push(Reverse((next, i)));
+        }
+    }
+
+    fn deliver(&self, nodes: &mut [Node], lo: usize, me: usize, part: &mut Part, ev: Ev, now: Instant) {
+        match ev {
+            Ev::Packet { from, to, packet } => {
+                if !self.path_up(from, to) {
+                    part.stats.lost += 1;
+                    return;
+                }
+                let node = &mut nodes[to - lo];
+                if is_control(&packet) {
+                    node.traffic.control_rx_bytes += packet.len() as u64 + WIRE_OVERHEAD;
+                }
+                node.core.from_tunnel(now, node_prefix(from), packet);
+                self.after(nodes, lo, me, part, to, now);
+            }
+            Ev::Handshake { from, to } => {
+                if !self.path_up(from, to) || self.is_nat(to) {
+                    return;
+                }
+                let node = &mut nodes[to - lo];
+                node.traffic.control_rx_bytes += HANDSHAKE_BYTES.0;
+                if node.core.accept_incoming(now, node_prefix(from)) {
+                    node.core.tunnel_up(now, node_prefix(from));
+                    node.traffic.control_tx_bytes += HANDSHAKE_BYTES.1;
+                    node.traffic.control_tx_packets += 1;
+                    self.after(nodes, lo, me, part, to, now);
+                    let node = &mut nodes[to - lo];
+                    if let Some(at) = self.transit(node, to, from, HANDSHAKE_BYTES.1, now) {
+                        self.push(part, me, node, to, at, Ev::HandshakeDone { from, to });
+                    }
+                } else {
+                    self.after(nodes, lo, me, part, to, now);
+                }
+            }
+            Ev::HandshakeDone { from, to } => {
+                if self.path_up(from, to) {
+                    let node = &mut nodes[from - lo];
+                    node.traffic.control_rx_bytes += HANDSHAKE_BYTES.1;
+                    node.core.tunnel_up(now, node_prefix(to));
+                    self.after(nodes, lo, me, part, from, now);
+                }
+            }
+        }
+    }
+
+    /// Runs part `me`'s events and timers due at or before `until`, in
+    /// order; returns the last time it reached.
+    fn run_part(
+        &self,
+        nodes: &mut [Node],
+        lo: usize,
+        me: usize,
+        part: &mut Part,
+        mut now: Instant,
+        until: Instant,
+    ) {
+        while let Some(next) = part.next_due(self.start, nodes, lo, self.alive) {
+            if next > until {
+                break;
+            }
+            now = now.max(next);
+            let ev_due = part.queue.peek().map(|Reverse((t, ..))| self.start + Duration::from_nanos(*t));
+            if ev_due == Some(next) {
+                let Reverse((_, _, _, slot)) = part.queue.pop().expect("event");
+                let ev = part.pending[slot as usize].take().expect("pending event");
+                part.free.push(slot);
+                self.deliver(nodes, lo, me, part, ev, now);
+            } else {
+                let Reverse((_, i)) = part.timers.pop().expect("timer");
+                let node = &mut nodes[i - lo];
+                node.scheduled = None;
+                node.core.handle_timeout(now);
+                self.after(nodes, lo, me, part, i, now);
+            }
+        }
+    }
+}
+
+/// Parts of the nodes per simulation thread (see [`MeshSim`]).
+const PARTS_PER_THREAD: usize = 8;
+
 /// The simulation. See the module documentation.
+///
+/// Parallel: the nodes are shared out to parts (eight per thread of
+/// [`MeshConfig::threads`]), each run by whichever thread is free, in windows of virtual time no longer than the
+/// shortest underlay latency (the *lookahead*): nothing a node sends within
+/// a window can reach another node before the window ends, so parts run a
+/// window independently and hand each other their packets in between.
+/// Events are ordered by (time, sender, sender's count) and every node
+/// draws loss and jitter from its own generator, so a run gives the same
+/// result whatever the number of threads.
 pub struct MeshSim {
     start: Instant,
     now: Instant,
     cfg: MeshConfig,
-    nodes: Vec<NodeCore>,
+    nodes: Vec<Node>,
     alive: Vec<bool>,
-    /// Last seqno each node persisted (a restart resumes from it).
-    seqnos: Vec<u16>,
-    scheduled: Vec<Option<Instant>>,
-    timers: BinaryHeap<Reverse<(Instant, NodeId)>>,
-    /// In-flight events: (arrival in ns since the start, order, slot in
-    /// `pending`). Small integer keys keep the heap cheap at scale.
-    queue: BinaryHeap<Reverse<(u64, u64, u32)>>,
-    /// The events themselves, in reusable slots.
-    pending: Vec<Option<Ev>>,
-    free: Vec<u32>,
-    seq: u64,
-    paths: Box<dyn Fn(NodeId, NodeId) -> PathParams>,
+    parts: Vec<Part>,
+    /// Threads that run the parts.
+    threads: usize,
+    /// Nodes per part.
+    chunk: usize,
+    /// The shortest underlay latency of any path (zero: one part only).
+    lookahead: Duration,
+    paths: Box<dyn Fn(NodeId, NodeId) -> PathParams + Send + Sync>,
     /// Paths set up or down by hand, overriding [`PathParams::broken`].
     overrides: HashMap<(NodeId, NodeId), bool>,
     /// Partition island of each node: paths between islands are down.
     island: Vec<u32>,
-    busy_until: Vec<Instant>,
     by_prefix: HashMap<Ipv6Net, NodeId>,
-    traffic: Vec<NodeTraffic>,
     /// Probes delivered: (from, to, sent at).
     delivered: Vec<(NodeId, NodeId, Instant)>,
     /// Counters of the underlay.
@@ -198,6 +501,23 @@ fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
     (a.min(b), a.max(b))
 }
 
+/// Builds the read-only context from the simulation's fields (a macro, so
+/// that the borrows stay field by field).
+macro_rules! ctx {
+    ($s:expr) => {
+        Ctx {
+            start: $s.start,
+            cfg: &$s.cfg,
+            alive: &$s.alive,
+            island: &$s.island,
+            overrides: &$s.overrides,
+            paths: &*$s.paths,
+            by_prefix: &$s.by_prefix,
+            chunk: $s.chunk,
+        }
+    };
+}
+
 impl MeshSim {
     /// `n` nodes with `manager` parameters; `latency(a, b)` gives the
     /// one-way latency of the underlay path between two nodes. Every node
@@ -206,7 +526,7 @@ impl MeshSim {
     pub fn new(
         n: usize,
         manager: ManagerConfig,
-        latency: impl Fn(NodeId, NodeId) -> Duration + 'static,
+        latency: impl Fn(NodeId, NodeId) -> Duration + Send + Sync + 'static,
         seed: u64,
     ) -> Self {
         Self::with_config(MeshConfig::new(n, manager), move |a, b| PathParams::latency(latency(a, b)), seed)
@@ -217,39 +537,61 @@ impl MeshSim {
     /// function of its arguments for the run to be deterministic).
     pub fn with_config(
         cfg: MeshConfig,
-        paths: impl Fn(NodeId, NodeId) -> PathParams + 'static,
+        paths: impl Fn(NodeId, NodeId) -> PathParams + Send + Sync + 'static,
         seed: u64,
     ) -> Self {
         let n = cfg.nodes;
         let start = Instant::now();
         let mut rng = Rng::new(seed);
         let seqnos: Vec<u16> = (0..n).map(|_| (rng.next_u64() & 0xffff) as u16).collect();
+        // The lookahead: the shortest latency of any path.
+        let mut lookahead = Duration::MAX;
+        for a in 0..n {
+            for b in a + 1..n {
+                lookahead = lookahead.min(paths(a, b).latency);
+            }
+        }
+        let threads = match cfg.threads {
+            0 => std::thread::available_parallelism().map_or(1, |t| t.get()).min(n / 100).max(1),
+            t => t.min(n.max(1)),
+        };
+        // Windows of a nanosecond or two would cost more than they give.
+        let threads = if lookahead < Duration::from_micros(100) { 1 } else { threads };
+        // Eight parts per thread, taken in turn by whichever thread is free:
+        // a window's work comes in bursts (a node's full update lands on its
+        // twenty neighbours at once), and fixed halves waited on each other.
+        let parts = if threads > 1 { (threads * PARTS_PER_THREAD).min(n) } else { 1 };
+        let chunk = n.div_ceil(parts).max(1);
         let mut sim = MeshSim {
             start,
             now: start,
             alive: (0..n).map(|i| !cfg.initially_down.get(i).copied().unwrap_or(false)).collect(),
-            seqnos,
-            scheduled: vec![None; n],
             nodes: Vec::with_capacity(n),
-            timers: BinaryHeap::new(),
-            queue: BinaryHeap::new(),
-            pending: Vec::new(),
-            free: Vec::new(),
-            seq: 0,
+            parts: (0..n.div_ceil(chunk).max(1)).map(|_| Part::default()).collect(),
+            threads,
+            chunk,
+            lookahead: if parts > 1 { lookahead } else { Duration::ZERO },
             paths: Box::new(paths),
             overrides: HashMap::new(),
             island: vec![0; n],
-            busy_until: vec![start; n],
             by_prefix: (0..n).map(|i| (node_prefix(i), i)).collect(),
-            traffic: vec![NodeTraffic::default(); n],
             delivered: Vec::new(),
             stats: MeshStats::default(),
             rng,
             cfg,
         };
-        for i in 0..n {
-            let core = sim.make_core(i);
-            sim.nodes.push(core);
+        for (i, seqno) in seqnos.into_iter().enumerate() {
+            let core = sim.make_core(i, seqno);
+            let rng = Rng::new(seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            sim.nodes.push(Node {
+                core,
+                scheduled: None,
+                busy_until: start,
+                traffic: NodeTraffic::default(),
+                seqno,
+                rng,
+                sent: 0,
+            });
         }
         for i in 0..n {
             if sim.alive[i] {
@@ -259,14 +601,20 @@ impl MeshSim {
         sim
     }
 
+    /// Threads the simulation runs on (1 when the underlay has paths of
+    /// (almost) no latency, or few nodes).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
     /// A fresh core for node `i` (its seed depends on the node and on how
     /// often it started, so that a restarted node chooses anew).
-    fn make_core(&mut self, i: NodeId) -> NodeCore {
+    fn make_core(&mut self, i: NodeId, seqno: u16) -> NodeCore {
         let n = self.cfg.nodes;
         let mut id = [0u8; 8];
         id[0] = 2;
         id[4..].copy_from_slice(&(i as u32 + 1).to_be_bytes());
-        let mut cfg = NodeConfig::new(node_prefix(i), network(), RouterId(id), self.seqnos[i]);
+        let mut cfg = NodeConfig::new(node_prefix(i), network(), RouterId(id), seqno);
         cfg.manager = self.cfg.manager.clone();
         cfg.hello_interval = self.cfg.hello_interval;
         cfg.update_interval = self.cfg.update_interval;
@@ -287,7 +635,7 @@ impl MeshSim {
 
     /// A node's core.
     pub fn node(&self, i: NodeId) -> &NodeCore {
-        &self.nodes[i]
+        &self.nodes[i].core
     }
 
     /// Number of nodes (running or not).
@@ -312,14 +660,13 @@ impl MeshSim {
 
     /// Node `i`'s traffic counters.
     pub fn traffic(&self, i: NodeId) -> NodeTraffic {
-        self.traffic[i]
+        self.nodes[i].traffic
     }
 
     /// The underlay path between two nodes, as configured (whatever its
     /// current up/down state).
     pub fn path(&self, a: NodeId, b: NodeId) -> PathParams {
-        let (a, b) = pair(a, b);
-        (self.paths)(a, b)
+        ctx!(self).path(a, b)
     }
 
     /// Breaks or heals the underlay path between two nodes.
@@ -343,22 +690,12 @@ impl MeshSim {
     /// Whether the underlay path between two nodes works, ignoring whether
     /// the nodes run.
     pub fn link_up(&self, a: NodeId, b: NodeId) -> bool {
-        if a == b {
-            return true;
-        }
-        if self.island[a] != self.island[b] {
-            return false;
-        }
-        let k = pair(a, b);
-        match self.overrides.get(&k) {
-            Some(up) => *up,
-            None => !(self.paths)(k.0, k.1).broken,
-        }
+        ctx!(self).link_up(a, b)
     }
 
     /// Whether the underlay path between two nodes works (and both run).
     pub fn path_up(&self, a: NodeId, b: NodeId) -> bool {
-        self.alive[a] && self.alive[b] && self.link_up(a, b)
+        ctx!(self).path_up(a, b)
     }
 
     /// Breaks each path with probability `p` (seeded).
@@ -383,7 +720,7 @@ impl MeshSim {
         let was = self.alive[i];
         self.alive[i] = alive;
         if alive && !was {
-            self.scheduled[i] = None;
+            self.nodes[i].scheduled = None;
             self.after(i);
         }
     }
@@ -391,8 +728,8 @@ impl MeshSim {
     /// Starts node `i` afresh (a reboot, or a node joining): a new core that
     /// resumes the Babel seqno it last persisted and knows every other node.
     pub fn restart(&mut self, i: NodeId) {
-        self.nodes[i] = self.make_core(i);
-        self.busy_until[i] = self.now;
+        self.nodes[i].core = self.make_core(i, self.nodes[i].seqno);
+        self.nodes[i].busy_until = self.now;
         self.alive[i] = false;
         self.set_alive(i, true);
     }
@@ -401,113 +738,43 @@ impl MeshSim {
     /// peers hear it at once) and stops.
     pub fn leave(&mut self, i: NodeId) {
         let now = self.now;
-        let peers: Vec<Ipv6Net> = self.nodes[i].manager().tunnels().map(|(p, _, _)| p).collect();
+        let peers: Vec<Ipv6Net> = self.nodes[i].core.manager().tunnels().map(|(p, _, _)| p).collect();
         for p in peers {
             if let Some(&j) = self.by_prefix.get(&p)
                 && self.alive[j]
-                && self.nodes[j].manager().tunnels().any(|(q, _, _)| q == node_prefix(i))
+                && self.nodes[j].core.manager().tunnels().any(|(q, _, _)| q == node_prefix(i))
             {
-                self.nodes[j].tunnel_down(now, node_prefix(i));
+                self.nodes[j].core.tunnel_down(now, node_prefix(i));
                 self.after(j);
             }
         }
         self.alive[i] = false;
     }
 
-    fn push(&mut self, at: Instant, ev: Ev) {
-        self.seq += 1;
-        let slot = match self.free.pop() {
-            Some(k) => {
-                self.pending[k as usize] = Some(ev);
-                k
-            }
-            None => {
-                self.pending.push(Some(ev));
-                (self.pending.len() - 1) as u32
-            }
-        };
-        let at = (at - self.start).as_nanos() as u64;
-        self.queue.push(Reverse((at, self.seq, slot)));
-    }
-
-    /// When a packet of `bytes` sent now by `i` to `j` arrives, or `None`
-    /// if the underlay loses it.
-    fn transit(&mut self, i: NodeId, j: NodeId, bytes: u64) -> Option<Instant> {
-        if !self.path_up(i, j) {
-            return None;
-        }
-        let p = self.path(i, j);
-        if p.loss > 0.0 && self.rng.next_f64() < p.loss {
-            return None;
-        }
-        let mut depart = self.now;
-        if let Some(Some(bw)) = self.cfg.uplink.get(i)
-            && *bw > 0
-        {
-            depart = depart.max(self.busy_until[i]) + Duration::from_secs_f64(bytes as f64 / *bw as f64);
-            self.busy_until[i] = depart;
-        }
-        let jitter = if p.jitter.is_zero() {
-            Duration::ZERO
-        } else {
-            Duration::from_nanos(self.rng.next_u64() % p.jitter.as_nanos().max(1) as u64)
-        };
-        Some(depart + p.latency + jitter)
-    }
-
-    /// Moves a node's outputs onto the underlay and keeps its timer.
+    /// [`Ctx::after`] for one node, between windows.
     fn after(&mut self, i: NodeId) {
-        while let Some(o) = self.nodes[i].poll_output() {
-            match o {
-                Output::ToTunnel { peer, packet } => {
-                    let Some(&j) = self.by_prefix.get(&peer) else { continue };
-                    self.stats.packets += 1;
-                    self.stats.bytes += packet.len() as u64;
-                    let wire = packet.len() as u64 + WIRE_OVERHEAD;
-                    if is_control(&packet) {
-                        self.traffic[i].control_tx_bytes += wire;
-                        self.traffic[i].control_tx_packets += 1;
-                    } else {
-                        self.traffic[i].data_tx_bytes += wire;
-                    }
-                    match self.transit(i, j, wire) {
-                        Some(at) => self.push(at, Ev::Packet { from: i, to: j, packet }),
-                        None => self.stats.lost += 1,
-                    }
-                }
-                Output::ToTun(packet) => {
-                    if let Ok(h) = packet::parse_ipv6(&packet)
-                        && let Some(payload) = packet::udp_payload(&packet, &h, PROBE_PORT)
-                        && payload.len() == 16
-                    {
-                        let from = u64::from_be_bytes(payload[..8].try_into().expect("8")) as usize;
-                        let sent = u64::from_be_bytes(payload[8..].try_into().expect("8"));
-                        self.delivered.push((from, i, self.start + Duration::from_micros(sent)));
-                    }
-                }
+        let me = i / self.chunk;
+        let lo = me * self.chunk;
+        let hi = (lo + self.chunk).min(self.nodes.len());
+        let ctx = ctx!(self);
+        ctx.after(&mut self.nodes[lo..hi], lo, me, &mut self.parts[me], i, self.now);
+        self.hand_over();
+    }
+
+    /// Moves every part's outbox into the queues of the parts the events
+    /// are for, and gathers counters and probes.
+    fn hand_over(&mut self) {
+        for p in 0..self.parts.len() {
+            let out = std::mem::take(&mut self.parts[p].outbox);
+            for (t, from, seq, ev) in out {
+                let to = ev.at_node() / self.chunk;
+                self.parts[to].insert((t, from, seq), ev);
             }
-        }
-        while let Some(e) = self.nodes[i].poll_event() {
-            match e {
-                NodeEvent::Manager(Action::Connect { peer, .. }) => {
-                    let Some(&j) = self.by_prefix.get(&peer) else { continue };
-                    self.traffic[i].control_tx_bytes += HANDSHAKE_BYTES.0;
-                    self.traffic[i].control_tx_packets += 1;
-                    if let Some(at) = self.transit(i, j, HANDSHAKE_BYTES.0) {
-                        self.push(at, Ev::Handshake { from: i, to: j });
-                    }
-                }
-                NodeEvent::SeqnoChanged(s) => self.seqnos[i] = s,
-                _ => {}
-            }
-        }
-        if !self.alive[i] {
-            return;
-        }
-        let next = self.nodes[i].poll_timeout();
-        if Some(next) != self.scheduled[i] {
-            self.scheduled[i] = Some(next);
-            self.timers.push(Reverse((next, i)));
+            let s = std::mem::take(&mut self.parts[p].stats);
+            self.stats.packets += s.packets;
+            self.stats.bytes += s.bytes;
+            self.stats.lost += s.lost;
+            self.delivered.append(&mut self.parts[p].delivered);
         }
     }
 
@@ -515,80 +782,54 @@ impl MeshSim {
     pub fn run_for(&mut self, d: Duration) {
         let until = self.now + d;
         loop {
-            while let Some(Reverse((t, n))) = self.timers.peek().copied() {
-                if self.scheduled[n] == Some(t) && self.alive[n] {
-                    break;
-                }
-                self.timers.pop();
-            }
-            let next_ev = self.queue.peek().map(|Reverse((t, ..))| self.start + Duration::from_nanos(*t));
-            let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
-            let next = match (next_ev, next_timer) {
-                (Some(a), Some(b)) => a.min(b),
-                (a, b) => match a.or(b) {
-                    Some(t) => t,
-                    None => break,
-                },
-            };
+            // Start the window at the next thing due anywhere.
+            let (start, chunk) = (self.start, self.chunk);
+            let next = self
+                .parts
+                .iter_mut()
+                .zip(self.nodes.chunks(chunk))
+                .enumerate()
+                .filter_map(|(k, (p, nodes))| p.next_due(start, nodes, k * chunk, &self.alive))
+                .min();
+            let Some(next) = next else { break };
             if next > until {
                 break;
             }
-            self.now = self.now.max(next);
-            if next_ev == Some(next) {
-                let Reverse((_, _, slot)) = self.queue.pop().expect("event");
-                let ev = self.pending[slot as usize].take().expect("pending event");
-                self.free.push(slot);
-                self.deliver(ev);
+            let now = self.now.max(next);
+            let end = if self.parts.len() > 1 {
+                // Anything sent at `now` or later arrives after `end`.
+                (now + self.lookahead - Duration::from_nanos(1)).min(until)
             } else {
-                let Reverse((_, i)) = self.timers.pop().expect("timer");
-                self.scheduled[i] = None;
-                let now = self.now;
-                self.nodes[i].handle_timeout(now);
-                self.after(i);
+                until
+            };
+            let ctx = ctx!(self);
+            if self.threads > 1 {
+                let work: Vec<_> =
+                    self.nodes.chunks_mut(chunk).zip(self.parts.iter_mut()).enumerate().collect();
+                let work = std::sync::Mutex::new(work);
+                let run = || {
+                    loop {
+                        let next = work.lock().expect("not poisoned").pop();
+                        let Some((k, (nodes, part))) = next else { return };
+                        ctx.run_part(nodes, k * chunk, k, part, now, end);
+                    }
+                };
+                std::thread::scope(|s| {
+                    for _ in 1..self.threads {
+                        s.spawn(run);
+                    }
+                    run();
+                });
+            } else {
+                ctx.run_part(&mut self.nodes, 0, 0, &mut self.parts[0], now, end);
+            }
+            self.hand_over();
+            self.now = end;
+            if end >= until {
+                break;
             }
         }
         self.now = until;
-    }
-
-    fn deliver(&mut self, ev: Ev) {
-        let now = self.now;
-        match ev {
-            Ev::Packet { from, to, packet } => {
-                if !self.path_up(from, to) {
-                    self.stats.lost += 1;
-                    return;
-                }
-                if is_control(&packet) {
-                    self.traffic[to].control_rx_bytes += packet.len() as u64 + WIRE_OVERHEAD;
-                }
-                self.nodes[to].from_tunnel(now, node_prefix(from), packet);
-                self.after(to);
-            }
-            Ev::Handshake { from, to } => {
-                if !self.path_up(from, to) || self.is_nat(to) {
-                    return;
-                }
-                self.traffic[to].control_rx_bytes += HANDSHAKE_BYTES.0;
-                if self.nodes[to].accept_incoming(now, node_prefix(from)) {
-                    self.nodes[to].tunnel_up(now, node_prefix(from));
-                    self.traffic[to].control_tx_bytes += HANDSHAKE_BYTES.1;
-                    self.traffic[to].control_tx_packets += 1;
-                    self.after(to);
-                    if let Some(at) = self.transit(to, from, HANDSHAKE_BYTES.1) {
-                        self.push(at, Ev::HandshakeDone { from, to });
-                    }
-                } else {
-                    self.after(to);
-                }
-            }
-            Ev::HandshakeDone { from, to } => {
-                if self.path_up(from, to) {
-                    self.traffic[from].control_rx_bytes += HANDSHAKE_BYTES.1;
-                    self.nodes[from].tunnel_up(now, node_prefix(to));
-                    self.after(from);
-                }
-            }
-        }
     }
 
     /// Sends a probe from node `a`'s machine to node `b`'s mesh address.
@@ -596,7 +837,7 @@ impl MeshSim {
         let mut payload = (a as u64).to_be_bytes().to_vec();
         payload.extend((self.elapsed().as_micros() as u64).to_be_bytes());
         let p = packet::build_udp(mesh_address(a), mesh_address(b), PROBE_PORT, 64, &payload);
-        self.nodes[a].from_tun(self.now, p);
+        self.nodes[a].core.from_tun(self.now, p);
         self.after(a);
     }
 
@@ -635,7 +876,7 @@ impl MeshSim {
         let mut cur = a;
         let mut latency = Duration::ZERO;
         while cur != b {
-            let Some(peer) = self.nodes[cur].route(dst) else { return Walk::NoRoute { at: cur } };
+            let Some(peer) = self.nodes[cur].core.route(dst) else { return Walk::NoRoute { at: cur } };
             let Some(&next) = self.by_prefix.get(&peer) else { return Walk::NoRoute { at: cur } };
             if !self.path_up(cur, next) {
                 return Walk::PathDown { at: cur, next };
@@ -727,7 +968,7 @@ impl MeshSim {
                 continue;
             }
             let peers: Vec<Ipv6Net> =
-                self.nodes[i].manager().tunnels().filter(|(_, _, up)| *up).map(|(p, _, _)| p).collect();
+                self.nodes[i].core.manager().tunnels().filter(|(_, _, up)| *up).map(|(p, _, _)| p).collect();
             for p in peers {
                 if let Some(&j) = self.by_prefix.get(&p)
                     && self.alive[j]

@@ -244,6 +244,7 @@ pub fn build(s: &Scenario) -> (MeshSim, Vec<String>, Vec<usize>) {
     cfg.hello_interval = Duration::from_secs_f64(s.babel.hello_interval_s);
     cfg.update_interval = Duration::from_secs_f64(s.babel.update_interval_s);
     cfg.nat = l.nat.clone();
+    cfg.threads = s.threads;
     cfg.initially_down = l.joining.clone();
     cfg.uplink =
         l.region_of.iter().map(|&r| regions[r].uplink_kbps.map(|k| (k * 1000.0 / 8.0) as u64)).collect();

@@ -85,6 +85,11 @@ pub struct Scenario {
     /// What must hold; a run with a failed assertion fails.
     #[serde(default, rename = "assert")]
     pub assertions: Assertions,
+    /// Threads to simulate on (0: one per core, at most one per 100
+    /// nodes). Not part of the file: the result is the same whatever it
+    /// is (`sixmesh sim --threads`).
+    #[serde(skip)]
+    pub threads: usize,
 }
 
 fn one() -> u64 {

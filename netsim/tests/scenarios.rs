@@ -132,3 +132,26 @@ fn nat_nodes_get_no_incoming_tunnels_and_walks_agree_with_probes() {
     assert!(missing.contains(&(1, 0)) && missing.contains(&(0, 1)));
     assert_eq!(sim.underlay_components().iter().filter(|&&c| c == sim.underlay_components()[0]).count(), 1);
 }
+
+/// The parallel simulator gives the very same run whatever the number of
+/// threads: joins, leaves, crashes, partitions, loss and jitter included.
+#[test]
+fn threads_do_not_change_the_run() {
+    for (name, nodes, secs) in
+        [("churn.toml", 20, 100.0), ("partition-heal.toml", 16, 120.0), ("europe-china.toml", 24, 60.0)]
+    {
+        let mut s = shipped(name).scaled(nodes, secs);
+        let mut reports = Vec::new();
+        for threads in [1, 2, 3] {
+            s.threads = threads;
+            reports.push(serde_json::to_string(&run(&s, |_| {})).unwrap());
+        }
+        assert_eq!(reports[0], reports[1], "{name}: 1 and 2 threads differ");
+        assert_eq!(reports[0], reports[2], "{name}: 1 and 3 threads differ");
+    }
+    // Forced threads do share the nodes out (auto would keep one thread
+    // below 200 nodes).
+    let mut s = shipped("churn.toml").scaled(20, 10.0);
+    s.threads = 2;
+    assert_eq!(build(&s).0.threads(), 2);
+}
