@@ -814,9 +814,13 @@ impl MeshSim {
                         ctx.run_part(nodes, k * chunk, k, part, now, end);
                     }
                 };
+                // The threads log where the caller's thread does (e.g.
+                // nowhere: `sixmesh sim` silences the nodes).
+                let logs = tracing::dispatcher::get_default(|d| d.clone());
                 std::thread::scope(|s| {
                     for _ in 1..self.threads {
-                        s.spawn(run);
+                        let logs = &logs;
+                        s.spawn(move || tracing::dispatcher::with_default(logs, run));
                     }
                     run();
                 });
