@@ -253,28 +253,63 @@ impl From<&RouteEntry> for Installed {
     }
 }
 
+/// Neighbour ids kept inside a [`Slot`] (more spill to the heap).
+const INLINE_NBRS: usize = 24;
+
 /// All neighbours' routes to one destination, and which one is selected.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(super) struct Slot {
     /// Add with [`Slot::push`], remove with [`Slot::remove_nbr`].
     pub entries: Vec<RouteEntry>,
-    /// `entries[i].nbr`, packed: finding a neighbour's entry among twenty
-    /// is the commonest lookup, and scans two cache lines instead of twenty.
-    nbrs: Vec<u32>,
+    /// `entries[i].nbr`, packed and kept in the slot itself (the first
+    /// [`INLINE_NBRS`]; the rest in `spill`): finding a neighbour's entry
+    /// is the commonest lookup (every update received), and when the ids
+    /// sit next to the slot's key, which the hash lookup just read, it
+    /// costs no cache miss of its own.
+    nbrs: [u32; INLINE_NBRS],
+    spill: Vec<u32>,
     pub selected: Option<usize>,
     pub installed: Option<Installed>,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot {
+            entries: Vec::new(),
+            nbrs: [0; INLINE_NBRS],
+            spill: Vec::new(),
+            selected: None,
+            installed: None,
+        }
+    }
 }
 
 impl Slot {
     /// Where the neighbour's entry is.
     #[inline]
     pub fn position(&self, nbr: u32) -> Option<usize> {
-        self.nbrs.iter().position(|&n| n == nbr)
+        let n = self.entries.len();
+        if let Some(i) = self.nbrs[..n.min(INLINE_NBRS)].iter().position(|&x| x == nbr) {
+            return Some(i);
+        }
+        self.spill.iter().position(|&x| x == nbr).map(|i| i + INLINE_NBRS)
+    }
+
+    fn set_nbr(&mut self, i: usize, nbr: u32) {
+        match self.nbrs.get_mut(i) {
+            Some(x) => *x = nbr,
+            None => self.spill[i - INLINE_NBRS] = nbr,
+        }
     }
 
     /// Adds an entry (for a neighbour that has none yet).
     pub fn push(&mut self, e: RouteEntry) {
-        self.nbrs.push(e.nbr);
+        let i = self.entries.len();
+        if i < INLINE_NBRS {
+            self.nbrs[i] = e.nbr;
+        } else {
+            self.spill.push(e.nbr);
+        }
         self.entries.push(e);
     }
 
@@ -282,8 +317,15 @@ impl Slot {
     pub fn remove_nbr(&mut self, nbr: u32) -> bool {
         let Some(i) = self.position(nbr) else { return false };
         self.entries.swap_remove(i);
-        self.nbrs.swap_remove(i);
         let last = self.entries.len();
+        // The last entry moved to `i`: so does its id.
+        if i < last {
+            let moved = self.entries[i].nbr;
+            self.set_nbr(i, moved);
+        }
+        if last >= INLINE_NBRS {
+            self.spill.pop();
+        }
         self.selected = match self.selected {
             Some(s) if s == i => None,
             Some(s) if s == last => Some(i),

@@ -165,3 +165,43 @@ fn announced_prefix_is_sent_with_our_id_and_metric_0() {
         Message::Update { prefix: Some(p), metric: 0, router_id, .. }
             if *p == "fd00:1::/64".parse::<IpNet>().unwrap() && *router_id == r.id())));
 }
+
+/// A slot's packed neighbour ids follow its entries through pushes and
+/// swap-removes, inline and past the inline part.
+#[test]
+fn slot_finds_every_neighbour_through_pushes_and_removals() {
+    use super::tables::{RouteEntry, Slot};
+    let now = Instant::now();
+    let entry = |nbr: u32| RouteEntry {
+        nbr,
+        router_id: RouterId([0; 8]),
+        seqno: 0,
+        refmetric: 0,
+        metric: 0,
+        next_hop: ll(1),
+        expires: now,
+    };
+    let mut slot = Slot::default();
+    let mut model: Vec<u32> = Vec::new();
+    let mut x = 7u32;
+    for step in 0..2000 {
+        // A deterministic mix of adds (up to 40 neighbours) and removals.
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        let nbr = (x >> 16) % 40;
+        if model.contains(&nbr) {
+            assert!(slot.remove_nbr(nbr), "step {step}");
+            model.retain(|&n| n != nbr);
+        } else {
+            slot.push(entry(nbr));
+            model.push(nbr);
+        }
+        assert_eq!(slot.entries.len(), model.len());
+        for n in 0..40 {
+            match slot.position(n) {
+                Some(i) => assert_eq!(slot.entries[i].nbr, n, "step {step}"),
+                None => assert!(!model.contains(&n), "step {step}: {n} lost"),
+            }
+        }
+    }
+    assert!(!slot.remove_nbr(99));
+}
