@@ -1168,9 +1168,45 @@ impl Router {
     }
 
     fn send_full_update(&mut self, now: Instant, iface: IfaceId, dst: Destination) {
-        let mut keys: Vec<RouteKey> = self.xroutes.iter().copied().collect();
-        keys.extend(self.routes.iter().filter(|(_, s)| s.selected.is_some()).map(|(k, _)| *k));
-        self.send_updates(now, iface, dst, &keys);
+        // What `send_updates` would send for our prefixes and then every
+        // selected route, in that order, built in one pass over the table
+        // (this runs for every neighbour every update interval: looking each
+        // route up again was a fifth of it).
+        let mut msgs: Vec<Message> = Vec::with_capacity(self.xroutes.len() + self.routes.len());
+        let ours: Vec<RouteKey> = self.xroutes.iter().copied().collect();
+        for key in &ours {
+            msgs.push(self.update_message(key, iface));
+        }
+        let interval =
+            centis(self.ifaces.get(&iface).map_or(Duration::from_secs(16), |i| i.cfg.update_interval));
+        for (key, slot) in &self.routes {
+            let Some(i) = slot.selected else { continue };
+            let (router_id, seqno, metric) = if ours.contains(key) {
+                (self.id, self.seqno, 0)
+            } else {
+                let e = &slot.entries[i];
+                (e.router_id, e.seqno, e.metric)
+            };
+            msgs.push(Message::Update {
+                prefix: Some(IpNet::V6(key.0)),
+                src: key.1.map(IpNet::V6),
+                router_id,
+                next_hop: None,
+                seqno,
+                metric,
+                interval,
+            });
+        }
+        for msg in &msgs {
+            if let Message::Update { prefix: Some(IpNet::V6(p)), src, .. } = msg {
+                let src = match src {
+                    Some(IpNet::V6(s)) => Some(*s),
+                    _ => None,
+                };
+                self.note_sent(now, &(*p, src), msg);
+            }
+        }
+        self.out.entry((iface, dst)).or_default().extend(msgs);
     }
 
     /// Queues our current update for each of `keys` on `iface`.
