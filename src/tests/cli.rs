@@ -141,5 +141,12 @@ fn sim_writes_reports_and_fails_on_a_broken_assertion() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("cuont") && err.contains("line 3"), "{err}");
+    // A mesh whose route tables cannot fit is refused before it starts, saying why and what to do.
+    std::fs::write(&scenario, "duration_s = 15\n[nodes]\ncount = 100000\n[assert]\nno_loops = true\n")
+        .unwrap();
+    let out = sixmesh(&["sim", scenario.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("GB available") && err.contains("--nodes") && err.contains("--force"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
