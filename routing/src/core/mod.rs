@@ -1131,8 +1131,7 @@ impl Router {
 
     /// The update we would send now for `key` on `iface`.
     fn update_message(&self, key: &RouteKey, iface: IfaceId) -> Message {
-        let interval =
-            centis(self.ifaces.get(&iface).map_or(Duration::from_secs(16), |i| i.cfg.update_interval));
+        let interval = self.announced_interval(iface);
         let (router_id, seqno, metric) = if self.xroutes.contains(key) {
             (self.id, self.seqno, 0)
         } else if let Some(e) = self.routes.get(key).and_then(|s| s.selected.map(|i| &s.entries[i])) {
@@ -1140,15 +1139,12 @@ impl Router {
         } else {
             (self.id, self.seqno, INFINITY)
         };
-        Message::Update {
-            prefix: Some(IpNet::V6(key.0)),
-            src: key.1.map(IpNet::V6),
-            router_id,
-            next_hop: None,
-            seqno,
-            metric,
-            interval,
-        }
+        update_for(key, router_id, seqno, metric, interval)
+    }
+
+    /// The update interval we announce on `iface`, in centiseconds.
+    fn announced_interval(&self, iface: IfaceId) -> u16 {
+        centis(self.ifaces.get(&iface).map_or(Duration::from_secs(16), |i| i.cfg.update_interval))
     }
 
     /// Maintains the source table for an update we send (RFC 8966 §3.7.3).
@@ -1177,8 +1173,7 @@ impl Router {
         for key in &ours {
             msgs.push(self.update_message(key, iface));
         }
-        let interval =
-            centis(self.ifaces.get(&iface).map_or(Duration::from_secs(16), |i| i.cfg.update_interval));
+        let interval = self.announced_interval(iface);
         for (key, slot) in &self.routes {
             let Some(i) = slot.selected else { continue };
             let (router_id, seqno, metric) = if ours.contains(key) {
@@ -1187,15 +1182,7 @@ impl Router {
                 let e = &slot.entries[i];
                 (e.router_id, e.seqno, e.metric)
             };
-            msgs.push(Message::Update {
-                prefix: Some(IpNet::V6(key.0)),
-                src: key.1.map(IpNet::V6),
-                router_id,
-                next_hop: None,
-                seqno,
-                metric,
-                interval,
-            });
+            msgs.push(update_for(key, router_id, seqno, metric, interval));
         }
         for msg in &msgs {
             if let Message::Update { prefix: Some(IpNet::V6(p)), src, .. } = msg {
@@ -1478,6 +1465,19 @@ fn roughly(value: Duration, random: u64) -> Duration {
         return value;
     }
     Duration::from_millis(ms * 3 / 4 + random % (ms / 2).max(1))
+}
+
+/// The Update TLV for a destination (next hop: the sender).
+fn update_for(key: &RouteKey, router_id: RouterId, seqno: u16, metric: u16, interval: u16) -> Message {
+    Message::Update {
+        prefix: Some(IpNet::V6(key.0)),
+        src: key.1.map(IpNet::V6),
+        router_id,
+        next_hop: None,
+        seqno,
+        metric,
+        interval,
+    }
 }
 
 /// Metric composition M(c, m) = c + m, capped at infinity.
