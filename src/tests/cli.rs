@@ -135,6 +135,36 @@ fn sim_writes_reports_and_fails_on_a_broken_assertion() {
     let out = sixmesh(&["sim", scenario.to_str().unwrap(), "--seed", "9"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8(out.stdout).unwrap().contains("seed 9"));
+    // On several threads: the same report, and the simulated nodes stay as silent as on one (the
+    // cut makes a node log that it closes the tunnel: shown with RUST_LOG=info, hidden without).
+    std::fs::write(
+        &scenario,
+        "duration_s = 20\n[nodes]\ncount = 6\n[manager]\nclient_count = 2\n\
+         [[event]]\nat_s = 5\ndo = \"cut_tunnel\"\n[assert]\nno_loops = true\n",
+    )
+    .unwrap();
+    let json2 = dir.join("r2.json");
+    let out = sixmesh(&["sim", scenario.to_str().unwrap(), "--seed", "9", "--json", json.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let out = sixmesh(&[
+        "sim",
+        scenario.to_str().unwrap(),
+        "--seed",
+        "9",
+        "--threads",
+        "2",
+        "--json",
+        json2.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!stderr.contains("INFO") && !stderr.contains("DEBUG"), "the nodes logged:\n{stderr}");
+    let without_wall = |p: &std::path::Path| {
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("wall_s");
+        v
+    };
+    assert_eq!(without_wall(&json), without_wall(&json2), "1 and 2 threads gave different runs");
     // A misspelt key is an error that names it and its line.
     std::fs::write(&scenario, "duration_s = 15\n[nodes]\ncuont = 6\n").unwrap();
     let out = sixmesh(&["sim", scenario.to_str().unwrap()]);
