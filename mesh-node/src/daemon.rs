@@ -218,6 +218,9 @@ struct Status {
     tunnels: Vec<TunnelStatus>,
     stats: DataPlaneStats,
     drops: crate::node::Drops,
+    /// Babel's own counters (packets, route updates received and how many
+    /// changed the table).
+    babel: sixmesh_routing::core::Stats,
 }
 
 type ControlMsg = (String, oneshot::Sender<String>);
@@ -1046,6 +1049,7 @@ impl Daemon {
             tunnels,
             stats: self.stats,
             drops: self.core.drops(),
+            babel: self.core.router().stats(),
         })
         .unwrap_or_default();
         if self.reporters.is_empty() {
@@ -1090,6 +1094,29 @@ impl Daemon {
             "Destinations with a selected route.",
             "gauge",
             &[(String::new(), self.core.router().selected_count() as f64)],
+        );
+        let b = self.core.router().stats();
+        metric(
+            "babel_updates_received_total",
+            "Babel route updates received.",
+            "counter",
+            &[(String::new(), b.updates_in as f64)],
+        );
+        metric(
+            "babel_updates_changed_total",
+            "Received Babel updates that changed the route table (the rest only refreshed it).",
+            "counter",
+            &[(String::new(), b.updates_changed as f64)],
+        );
+        metric(
+            "babel_packets_total",
+            "Babel packets by direction, and those dropped whole.",
+            "counter",
+            &[
+                ("{dir=\"in\"}".into(), b.packets_in as f64),
+                ("{dir=\"out\"}".into(), b.packets_out as f64),
+                ("{dir=\"dropped\"}".into(), b.packets_dropped as f64),
+            ],
         );
         let counters: Vec<_> = self.core.tunnel_counters().collect();
         let per = |f: fn(&crate::node::TunnelCounters) -> u64| -> Vec<(String, f64)> {

@@ -301,6 +301,12 @@ fn garbage_on_the_tunnel_port_is_counted_and_harmless() {
         .map(|v| v as u64)
         .expect("bad-datagram counter in the metrics");
     assert!(counted >= bad, "metrics say {counted} bad datagrams, status said {bad}");
+    // Babel's counters: the peer's routes arrived, and only some updates changed the table.
+    let (updates, changed) =
+        (st["babel"]["updates_in"].as_u64().unwrap(), st["babel"]["updates_changed"].as_u64().unwrap());
+    assert!(updates >= 1 && changed >= 1 && changed <= updates, "{st}");
+    assert!(metrics.contains("sixmesh_babel_updates_received_total "), "{metrics}");
+    assert!(metrics.contains("sixmesh_babel_packets_total{dir=\"in\"} "), "{metrics}");
 }
 
 /// With the registry down, a new node that knows a single peer finds the

@@ -164,6 +164,12 @@ pub struct Stats {
     pub tlvs_dropped: u64,
     pub packets_out: u64,
     pub bytes_out: u64,
+    /// Route updates received (retractions included).
+    pub updates_in: u64,
+    /// Of those, the ones that changed the table (a new route, another
+    /// metric, seqno, router-id or next hop, a retraction): the rest only
+    /// refreshed an entry. A steady network changes almost nothing.
+    pub updates_changed: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -817,8 +823,10 @@ impl Router {
                 v
             }
         };
+        self.stats.updates_in += 1;
         if refmetric == INFINITY {
             if self.remove_entry(&key, nbr) {
+                self.stats.updates_changed += 1;
                 self.reselect(now, key);
             }
             return;
@@ -850,6 +858,11 @@ impl Router {
         let was_selected_here = slot.selected.is_some_and(|i| slot.entries[i].nbr == nbr);
         match slot.position(nbr).map(|i| &mut slot.entries[i]) {
             Some(e) => {
+                if (e.router_id, e.seqno, e.refmetric, e.metric, e.next_hop)
+                    != (router_id, seqno, refmetric, metric, next_hop)
+                {
+                    self.stats.updates_changed += 1;
+                }
                 e.router_id = router_id;
                 e.seqno = seqno;
                 e.refmetric = refmetric;
@@ -857,15 +870,18 @@ impl Router {
                 e.next_hop = next_hop;
                 e.expires = now + hold;
             }
-            None => slot.push(RouteEntry {
-                nbr,
-                router_id,
-                seqno,
-                refmetric,
-                metric,
-                next_hop,
-                expires: now + hold,
-            }),
+            None => {
+                self.stats.updates_changed += 1;
+                slot.push(RouteEntry {
+                    nbr,
+                    router_id,
+                    seqno,
+                    refmetric,
+                    metric,
+                    next_hop,
+                    expires: now + hold,
+                })
+            }
         }
         self.reselect(now, key);
         // Answer seqno requests this update satisfies.
