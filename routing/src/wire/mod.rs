@@ -256,14 +256,22 @@ fn source_prefix(body: &[u8], v6: bool) -> Result<IpNet, Skip> {
 /// Builds a prefix of `plen` bits for `ae` from the `omitted` leading bytes
 /// of `default` followed by `bytes`. Host bits are cleared.
 fn make_prefix(ae: u8, plen: u8, bytes: &[u8], default: &[u8]) -> Option<IpNet> {
-    let full = [default, bytes].concat();
+    // `default` then `bytes`, on the stack (one per update received).
+    let mut buf = [0u8; 16];
+    let len = default.len() + bytes.len();
+    if len > buf.len() {
+        return None;
+    }
+    buf[..default.len()].copy_from_slice(default);
+    buf[default.len()..len].copy_from_slice(bytes);
+    let full = &buf[..len];
     match ae {
         1 => {
             let mut a = [0u8; 4];
             if plen > 32 || full.len() > 4 {
                 return None;
             }
-            a[..full.len()].copy_from_slice(&full);
+            a[..full.len()].copy_from_slice(full);
             Some(IpNet::V4(Ipv4Net::new(Ipv4Addr::from(a), plen).ok()?.trunc()))
         }
         2 => {
@@ -271,7 +279,7 @@ fn make_prefix(ae: u8, plen: u8, bytes: &[u8], default: &[u8]) -> Option<IpNet> 
             if plen > 128 || full.len() > 16 {
                 return None;
             }
-            a[..full.len()].copy_from_slice(&full);
+            a[..full.len()].copy_from_slice(full);
             Some(IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), plen).ok()?.trunc()))
         }
         3 => {
