@@ -1,7 +1,7 @@
 //! The TLS bridge against real stunnel4, both directions, carrying a line
 //! echo end to end, resuming TLS sessions both ways; and the refusals (plain TCP, unknown CA, revoked
-//! certificate), each with a logged reason; and the reload of the config file without dropping open
-//! connections. Loopback only: no root needed.
+//! certificate), each with a logged reason; the reload of the config file without dropping open
+//! connections; half-close, idle timeout and connection limit. Loopback only: no root needed.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -431,5 +431,119 @@ fn bridge_config_reloads_without_dropping_connections() {
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(status.contains("\"second\"") && !status.contains("\"first\""), "{status}");
     drop(bridge);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A server that reads until EOF, then answers how many bytes it got and
+/// closes: it only answers if the half-close crossed the bridge.
+fn count_until_eof_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if std::io::Read::read_to_end(&mut s, &mut buf).is_ok() {
+                    let _ = writeln!(s, "{}", buf.len());
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Half-closes cross both ends of a pair of our tunnels, idle connections
+/// are closed after `idle_timeout_secs`, and `max_connections` refuses the
+/// one too many (counted and logged).
+#[test]
+fn bridge_propagates_half_close_closes_idle_and_limits_connections() {
+    let dir: PathBuf = std::env::temp_dir().join(format!("sixmesh-bridge-limits-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    pki(&dir);
+    let (counter, echo) = (count_until_eof_server(), echo_server());
+    let (half, half_in, idle, idle_in) = (free_port(), free_port(), free_port(), free_port());
+    let d = dir.display();
+    let tunnel = |name: &str, mode: &str, listen: String, connect: String| {
+        format!(
+            "[[tunnel]]\nname = \"{name}\"\nmode = \"{mode}\"\nlisten = \"{listen}\"\nconnect = \"{connect}\"\n\n"
+        )
+    };
+    let conf = dir.join("bridge.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "idle_timeout_secs = 2\nmax_connections = 2\n\
+             [tls]\ncert = \"{d}/ours.pem\"\nkey = \"{d}/ours.key\"\nca = \"{d}/ca.pem\"\n\n{}{}{}{}",
+            tunnel("half", "client", format!("127.0.0.1:{half}"), format!("[::1]:{half_in}")),
+            tunnel("half-in", "server", format!("[::1]:{half_in}"), format!("127.0.0.1:{counter}")),
+            tunnel("idle", "client", format!("127.0.0.1:{idle}"), format!("[::1]:{idle_in}")),
+            tunnel("idle-in", "server", format!("[::1]:{idle_in}"), format!("127.0.0.1:{echo}")),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("bridge.log");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let sock = dir.join("bridge.sock");
+    let _bridge = Killed(
+        Command::new(sixmesh_bin())
+            .args(["bridge", "run", "--config", conf.to_str().unwrap(), "--control", sock.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(ask(idle, "up").unwrap(), "up");
+
+    // Half-close: 100 kB, then EOF our way; the answer comes back the other way.
+    let mut s = TcpStream::connect(("127.0.0.1", half)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&vec![7u8; 100_000]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut s, &mut answer).expect("the answer after our half-close");
+    assert_eq!(answer.trim(), "100000", "the server did not see our EOF, or not every byte");
+
+    // Idle: a connection with no traffic for two seconds is closed by the bridge.
+    let mut quiet = TcpStream::connect(("127.0.0.1", idle)).unwrap();
+    quiet.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    writeln!(quiet, "hello").unwrap();
+    let mut r = BufReader::new(quiet.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "hello");
+    let start = Instant::now();
+    line.clear();
+    let n = r.read_line(&mut line).unwrap_or(0);
+    assert_eq!(n, 0, "an idle connection stayed open");
+    assert!(start.elapsed() < Duration::from_secs(6), "closed only after {:?}", start.elapsed());
+
+    // Limit: two open connections on "idle" (younger than its timeout), the third is refused.
+    let keep: Vec<TcpStream> = (0..2)
+        .map(|i| {
+            let mut c = TcpStream::connect(("127.0.0.1", idle)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            writeln!(c, "keep {i}").unwrap();
+            let mut l = String::new();
+            BufReader::new(c.try_clone().unwrap()).read_line(&mut l).unwrap();
+            assert_eq!(l.trim(), format!("keep {i}"));
+            c
+        })
+        .collect();
+    let mut third = TcpStream::connect(("127.0.0.1", idle)).unwrap();
+    third.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = writeln!(third, "third");
+    let mut l = String::new();
+    let n = BufReader::new(third).read_line(&mut l).unwrap_or(0);
+    assert_eq!(n, 0, "the third connection got through: {l:?}");
+    wait_for("the refusal in the log", || log_text().contains("refused: too many connections"));
+    drop(keep);
+    let status = Command::new(sixmesh_bin())
+        .args(["bridge", "status", "--json", "--control", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let idle_t = status["tunnels"].as_array().unwrap().iter().find(|t| t["name"] == "idle").unwrap().clone();
+    assert!(idle_t["refused"].as_u64().unwrap() >= 1, "{status}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
