@@ -116,19 +116,39 @@ fn real(bin: &std::path::Path, a: DemoArgs) -> Result<ExitCode> {
     };
     println!("\nevery node reaches every other node {:.1} s after start\n", converged.as_secs_f64());
 
-    // Cut the underlay path of a tunnel that carries traffic, and time the reroute.
-    let (x, y) = (0..n)
-        .flat_map(|i| (0..n).map(move |j| (i, j)))
-        .find(|&(i, j)| {
-            i < j
-                && mesh
-                    .peers(i)
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|t| t["peer"] == mesh.nodes[j].prefix.as_str())
-        })
-        .context("no tunnel to cut")?;
+    // Cut the underlay path of a tunnel whose loss the mesh can route around: one that is not
+    // the only link between two parts of the tunnel graph (cutting such a bridge would leave
+    // nothing to reroute through until the tunnel managers open new tunnels, which takes longer
+    // than the demo waits).
+    let tunnel_edges = || -> Vec<(usize, usize)> {
+        (0..n)
+            .flat_map(|i| (0..n).map(move |j| (i, j)))
+            .filter(|&(i, j)| {
+                i < j
+                    && mesh
+                        .peers(i)
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|t| t["peer"] == mesh.nodes[j].prefix.as_str())
+            })
+            .collect()
+    };
+    // Right after convergence the tunnel graph may still be a tree (the managers keep opening
+    // tunnels): give them up to 20 s to close a loop.
+    let waited = Instant::now();
+    let mut edges = tunnel_edges();
+    let mut cut = edges.iter().copied().find(|&e| connected_without(n, &edges, e));
+    if cut.is_none() {
+        println!("waiting for the tunnels to form a loop, so that a cut can be routed around...");
+    }
+    while cut.is_none() && waited.elapsed() < Duration::from_secs(20) {
+        stopping()?;
+        std::thread::sleep(Duration::from_millis(500));
+        edges = tunnel_edges();
+        cut = edges.iter().copied().find(|&e| connected_without(n, &edges, e));
+    }
+    let (x, y) = cut.or_else(|| edges.first().copied()).context("no tunnel to cut")?;
     println!(
         "cutting the Internet path n{x} <-> n{y} (a tunnel runs over it) while n{x} pings n{y} every 50 ms..."
     );
@@ -204,6 +224,9 @@ fn ping_gap(mesh: &Mesh, a: usize, b: usize, cut: impl FnOnce()) -> Result<Durat
         .stderr(Stdio::null())
         .spawn()?;
     std::thread::sleep(Duration::from_secs(2));
+    // `ping -D` stamps replies with the Unix time.
+    let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let cut_at = unix_now().as_secs_f64();
     cut();
     let out = child.wait_with_output()?;
     let times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
@@ -211,10 +234,39 @@ fn ping_gap(mesh: &Mesh, a: usize, b: usize, cut: impl FnOnce()) -> Result<Durat
         .filter(|l| l.contains("bytes from"))
         .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
         .collect();
-    if times.len() < 10 {
-        bail!("pings did not get through after the cut");
+    gap_after(&times, cut_at)
+        .context("pings did not get through after the cut: the mesh did not reroute within the 8 s of pings")
+}
+
+/// The longest silence in a run of reply times around a cut at `cut_at`,
+/// or `None` if no reply came after the cut (replies before it alone say
+/// nothing about the reroute).
+fn gap_after(times: &[f64], cut_at: f64) -> Option<Duration> {
+    if !times.iter().any(|&t| t > cut_at) {
+        return None;
     }
-    Ok(Duration::from_secs_f64(times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)))
+    Some(Duration::from_secs_f64(times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)))
+}
+
+/// Whether the graph of `n` nodes with `edges`, less `without`, is connected.
+fn connected_without(n: usize, edges: &[(usize, usize)], without: (usize, usize)) -> bool {
+    let mut seen = vec![false; n];
+    let mut stack = vec![0];
+    seen[0] = true;
+    while let Some(u) = stack.pop() {
+        for &(a, b) in edges {
+            if (a, b) == without {
+                continue;
+            }
+            for (p, q) in [(a, b), (b, a)] {
+                if p == u && !seen[q] {
+                    seen[q] = true;
+                    stack.push(q);
+                }
+            }
+        }
+    }
+    seen.iter().all(|&s| s)
 }
 
 fn html(
@@ -311,4 +363,23 @@ fn simulated(n: usize) -> Result<ExitCode> {
         "\nfor the real thing (registry, nodes, WireGuard tunnels in network namespaces): sudo sixmesh demo"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cut_must_leave_a_way_round_and_pings_must_come_back_after_it() {
+        // A square with one diagonal: no edge is a bridge; a path: every edge is.
+        let square = [(0, 1), (1, 2), (2, 3), (0, 3), (0, 2)];
+        assert!(square.iter().all(|&e| connected_without(4, &square, e)));
+        let path = [(0, 1), (1, 2), (2, 3)];
+        assert!(path.iter().all(|&e| !connected_without(4, &path, e)));
+        // Replies only before the cut: no reroute, whatever their spacing.
+        assert_eq!(gap_after(&[1.0, 1.05, 1.10], 1.2), None);
+        // Replies resume 0.9 s after the last one before the cut.
+        let gap = gap_after(&[1.0, 1.05, 1.10, 2.0, 2.05], 1.2).unwrap();
+        assert!((gap.as_secs_f64() - 0.9).abs() < 1e-9);
+    }
 }

@@ -940,13 +940,10 @@ impl Router {
                     .map(|e| e.nbr)
             });
         let Some(successor) = successor else { return };
-        if self
-            .pending
-            .values()
-            .any(|p| p.key == key && p.router_id == router_id && !seqno_newer(seqno, p.seqno))
-        {
-            return; // duplicate suppression
-        }
+        // Duplicates are suppressed there: a request already pending for
+        // this source and seqno is not sent again to a neighbour it went
+        // to, but it does go to a new successor (our route may have moved
+        // since, e.g. off the link whose loss started it all).
         self.send_seqno_request(now, key, router_id, seqno, hop_count - 1, vec![successor]);
     }
 
