@@ -349,3 +349,36 @@ fn with_the_registry_down_a_node_finds_peers_through_the_mesh() {
     eprintln!("tunnels to peers learned through the mesh after {:?}", t.unwrap());
     assert!(mesh.unreachable().is_empty());
 }
+
+/// The namespace harness impairs underlay paths as scenarios describe them:
+/// random loss on one path (nftables `numgen random`), a cut, and healing.
+#[test]
+fn harness_impairs_and_heals_underlay_paths() {
+    if !require_root_netns() {
+        return;
+    }
+    let mesh = Mesh::new(&sixmesh_tests::sixmesh_bin(), "impair", 3);
+    let loss = |to: usize| -> f64 {
+        let out = mesh
+            .command(0, "ping")
+            .args(["-6", "-q", "-c", "300", "-i", "0.005", "-W", "1"])
+            .arg(sixmesh_tests::mesh::underlay(mesh.nodes[to].index))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split_whitespace()
+            .find_map(|w| w.strip_suffix('%').and_then(|v| v.parse::<f64>().ok()))
+            .unwrap_or_else(|| panic!("no loss figure in {text}"))
+            / 100.0
+    };
+    assert_eq!(loss(1), 0.0, "a fresh path loses nothing");
+    // 30 % each way: a ping and its answer both survive 49 % of the time.
+    mesh.impair(0, 1, 0.3);
+    let l = loss(1);
+    assert!((0.35..0.68).contains(&l), "30 % per way should lose about 51 % of round trips, lost {l}");
+    assert_eq!(loss(2), 0.0, "another path is not touched");
+    mesh.cut(0, 1);
+    assert_eq!(loss(1), 1.0, "a cut path loses everything");
+    mesh.heal(0, 1);
+    assert_eq!(loss(1), 0.0, "a healed path loses nothing");
+}

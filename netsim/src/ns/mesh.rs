@@ -13,6 +13,12 @@ pub fn underlay(i: usize) -> String {
     format!("fd99::{:x}", i)
 }
 
+/// The nftables table (in the "internet" namespace) that impairs the
+/// path between two hosts.
+fn path_table(a: usize, b: usize) -> String {
+    format!("path_{}_{}", a.min(b), a.max(b))
+}
+
 /// A running `sixmesh` process that is stopped (SIGTERM, then SIGKILL) on drop.
 pub struct Proc {
     pub child: Child,
@@ -279,19 +285,45 @@ impl Mesh {
         serde_json::from_slice(&out.stdout).unwrap_or_default()
     }
 
-    /// Blocks underlay traffic between two hosts in the "internet".
+    /// Blocks underlay traffic between two nodes in the "internet" (until [`Mesh::heal`]).
     pub fn cut(&self, a: usize, b: usize) {
-        let (ia, ib) = (underlay(self.nodes[a].index), underlay(self.nodes[b].index));
-        let _ = self.inet.exec("nft", &["add table bridge cut"]);
-        let _ = self.inet.exec(
-            "nft",
-            &["add chain bridge cut fw { type filter hook forward priority 0; policy accept; }"],
-        );
-        for (x, y) in [(&ia, &ib), (&ib, &ia)] {
+        self.impair(a, b, 1.0);
+    }
+
+    /// Makes the underlay path between two nodes drop each packet, either
+    /// way, with probability `loss` (1 or more: every packet), with an
+    /// nftables `numgen random` rule on the "internet" bridge. Replaces any
+    /// earlier impairment of the path.
+    pub fn impair(&self, a: usize, b: usize, loss: f64) {
+        let (ia, ib) = (self.nodes[a].index, self.nodes[b].index);
+        let table = path_table(ia, ib);
+        let _ = self.inet.exec("nft", &["delete", "table", "bridge", &table]);
+        self.inet.exec("nft", &["add", "table", "bridge", &table]).unwrap();
+        self.inet
+            .exec(
+                "nft",
+                &[&format!(
+                    "add chain bridge {table} fw {{ type filter hook forward priority 0; policy accept; }}"
+                )],
+            )
+            .unwrap();
+        let per_mille = (loss.clamp(0.0, 1.0) * 1000.0).round() as u32;
+        let verdict = if per_mille >= 1000 {
+            "drop".to_string()
+        } else {
+            format!("numgen random mod 1000 < {per_mille} drop")
+        };
+        for (x, y) in [(underlay(ia), underlay(ib)), (underlay(ib), underlay(ia))] {
             self.inet
-                .exec("nft", &[&format!("add rule bridge cut fw ip6 saddr {x} ip6 daddr {y} drop")])
+                .exec("nft", &[&format!("add rule bridge {table} fw ip6 saddr {x} ip6 daddr {y} {verdict}")])
                 .unwrap();
         }
+    }
+
+    /// Undoes [`Mesh::cut`] or [`Mesh::impair`] on the path between two nodes.
+    pub fn heal(&self, a: usize, b: usize) {
+        let table = path_table(self.nodes[a].index, self.nodes[b].index);
+        let _ = self.inet.exec("nft", &["delete", "table", "bridge", &table]);
     }
 
     /// Another host on the "internet" (not a node), underlay `fd99::i`.
