@@ -1096,18 +1096,16 @@ impl Daemon {
             &[(String::new(), self.core.router().selected_count() as f64)],
         );
         let b = self.core.router().stats();
-        metric(
-            "babel_updates_received_total",
-            "Babel route updates received.",
-            "counter",
-            &[(String::new(), b.updates_in as f64)],
-        );
-        metric(
-            "babel_updates_changed_total",
-            "Received Babel updates that changed the route table (the rest only refreshed it).",
-            "counter",
-            &[(String::new(), b.updates_changed as f64)],
-        );
+        for (name, help, v) in [
+            ("babel_updates_received_total", "Babel route updates received.", b.updates_in),
+            (
+                "babel_updates_changed_total",
+                "Received Babel updates that changed the route table (the rest only refreshed it).",
+                b.updates_changed,
+            ),
+        ] {
+            metric(name, help, "counter", &[(String::new(), v as f64)]);
+        }
         metric(
             "babel_packets_total",
             "Babel packets by direction, and those dropped whole.",

@@ -327,6 +327,30 @@ fn bridge_and_stunnel_interoperate_both_ways_and_refuse_what_they_should() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Starts `sixmesh bridge run` on `conf`, logging at info into the test
+/// directory; returns it with its log file and control socket.
+fn start_bridge(dir: &Path, conf: &Path) -> (Killed, PathBuf, PathBuf) {
+    let (log, sock) = (dir.join("bridge.log"), dir.join("bridge.sock"));
+    let bridge = Killed(
+        Command::new(sixmesh_bin())
+            .args(["bridge", "run", "--config", conf.to_str().unwrap(), "--control", sock.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    (bridge, log, sock)
+}
+
+/// `sixmesh bridge status --json` of a running bridge.
+fn bridge_status(sock: &Path) -> serde_json::Value {
+    let out = Command::new(sixmesh_bin())
+        .args(["bridge", "status", "--json", "--control", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bridge status: {e}"))
+}
+
 /// One round trip on an open connection.
 fn roundtrip(s: &mut TcpStream, r: &mut BufReader<TcpStream>, msg: &str) -> String {
     writeln!(s, "{msg}").unwrap();
@@ -374,17 +398,8 @@ fn bridge_config_reloads_without_dropping_connections() {
         std::fs::rename(dir.join("bridge.toml.tmp"), &conf).unwrap();
     };
     write(format!("{tls}{server_tunnel}{}", client("first", first, "cn:ours")));
-    let log = dir.join("bridge.log");
+    let (bridge, log, sock) = start_bridge(&dir, &conf);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let sock = dir.join("bridge.sock");
-    let bridge = Killed(
-        Command::new(sixmesh_bin())
-            .args(["bridge", "run", "--config", conf.to_str().unwrap(), "--control", sock.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
     assert_eq!(ask(first, "hello").unwrap(), "hello");
     let mut open = TcpStream::connect(("127.0.0.1", first)).unwrap();
     open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -424,11 +439,7 @@ fn bridge_config_reloads_without_dropping_connections() {
     write(format!("{tls}{server_tunnel}[[tunnel]]\nname = \"broken\"\n"));
     wait_for("the broken file to be reported", || log_text().contains("keeping the running config"));
     assert_eq!(ask(second, "after broken").unwrap(), "after broken");
-    let status = Command::new(sixmesh_bin())
-        .args(["bridge", "status", "--json", "--control", sock.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout);
+    let status = bridge_status(&sock).to_string();
     assert!(status.contains("\"second\"") && !status.contains("\"first\""), "{status}");
     drop(bridge);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -482,17 +493,8 @@ fn bridge_propagates_half_close_closes_idle_and_limits_connections() {
         ),
     )
     .unwrap();
-    let log = dir.join("bridge.log");
+    let (_bridge, log, sock) = start_bridge(&dir, &conf);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let sock = dir.join("bridge.sock");
-    let _bridge = Killed(
-        Command::new(sixmesh_bin())
-            .args(["bridge", "run", "--config", conf.to_str().unwrap(), "--control", sock.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
     assert_eq!(ask(idle, "up").unwrap(), "up");
 
     // Half-close: 100 kB, then EOF our way; the answer comes back the other way.
@@ -538,11 +540,7 @@ fn bridge_propagates_half_close_closes_idle_and_limits_connections() {
     assert_eq!(n, 0, "the third connection got through: {l:?}");
     wait_for("the refusal in the log", || log_text().contains("refused: too many connections"));
     drop(keep);
-    let status = Command::new(sixmesh_bin())
-        .args(["bridge", "status", "--json", "--control", sock.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = bridge_status(&sock);
     let idle_t = status["tunnels"].as_array().unwrap().iter().find(|t| t["name"] == "idle").unwrap().clone();
     assert!(idle_t["refused"].as_u64().unwrap() >= 1, "{status}");
     std::fs::remove_dir_all(&dir).unwrap();
