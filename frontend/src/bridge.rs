@@ -540,12 +540,13 @@ impl Bridge {
         }
         *self.material.write().expect("not poisoned") = Arc::new(material);
         let max = cfg.max_connections.max(1);
+        let max_changed = max != self.config().max_connections.max(1);
         let mut next = Vec::new();
         let (mut added, mut kept) = (0, 0);
         for t in &cfg.tunnels {
             if let Some(l) = current.iter().find(|l| l.listen == t.listen) {
                 *l.cfg.write().expect("not poisoned") = Arc::new(t.clone());
-                if max != self.config().max_connections.max(1) {
+                if max_changed {
                     *l.limit.write().expect("not poisoned") = Arc::new(Semaphore::new(max));
                 }
                 next.push(l.clone());

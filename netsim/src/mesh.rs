@@ -426,7 +426,7 @@ impl Ctx<'_> {
     }
 
     /// Runs part `me`'s events and timers due at or before `until`, in
-    /// order; returns the last time it reached.
+    /// order.
     fn run_part(
         &self,
         nodes: &mut [Node],
@@ -544,17 +544,20 @@ impl MeshSim {
         let start = Instant::now();
         let mut rng = Rng::new(seed);
         let seqnos: Vec<u16> = (0..n).map(|_| (rng.next_u64() & 0xffff) as u16).collect();
-        // The lookahead: the shortest latency of any path.
-        let mut lookahead = Duration::MAX;
-        for a in 0..n {
-            for b in a + 1..n {
-                lookahead = lookahead.min(paths(a, b).latency);
-            }
-        }
         let threads = match cfg.threads {
             0 => std::thread::available_parallelism().map_or(1, |t| t.get()).min(n / 100).max(1),
             t => t.min(n.max(1)),
         };
+        // The lookahead: the shortest latency of any path (O(n²) calls, so
+        // only when there is more than one thread to share the work).
+        let mut lookahead = Duration::MAX;
+        if threads > 1 {
+            for a in 0..n {
+                for b in a + 1..n {
+                    lookahead = lookahead.min(paths(a, b).latency);
+                }
+            }
+        }
         // Windows of a nanosecond or two would cost more than they give.
         let threads = if lookahead < Duration::from_micros(100) { 1 } else { threads };
         // Eight parts per thread, taken in turn by whichever thread is free:

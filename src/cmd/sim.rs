@@ -59,10 +59,17 @@ const BYTES_PER_ROUTE_ENTRY: f64 = 160.0;
 /// keeps a route to every other node from each of its neighbours (about
 /// twice `client_count` of them: its own tunnels and as many incoming).
 fn estimated_bytes(s: &Scenario) -> f64 {
-    let n = (s.nodes.count + s.nodes.list.len()) as f64;
-    let degree =
-        (2 * s.manager.client_count).min(s.manager.client_count + s.manager.max_clients).max(1) as f64;
-    n * n * degree * BYTES_PER_ROUTE_ENTRY
+    let n = total_nodes(s) as f64;
+    n * n * neighbours(s) as f64 * BYTES_PER_ROUTE_ENTRY
+}
+
+fn total_nodes(s: &Scenario) -> usize {
+    s.nodes.count + s.nodes.list.len()
+}
+
+/// Neighbours per node, about: its own tunnels and as many incoming.
+fn neighbours(s: &Scenario) -> usize {
+    (2 * s.manager.client_count).min(s.manager.client_count + s.manager.max_clients).max(1)
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes.
@@ -105,9 +112,9 @@ pub fn run_sim(args: SimArgs) -> Result<ExitCode> {
              try anyway.",
             gb(need),
             gb(have),
-            s.nodes.count + s.nodes.list.len(),
-            s.nodes.count + s.nodes.list.len(),
-            (2 * s.manager.client_count).min(s.manager.client_count + s.manager.max_clients),
+            total_nodes(&s),
+            total_nodes(&s),
+            neighbours(&s),
             BYTES_PER_ROUTE_ENTRY
         );
     }

@@ -1181,10 +1181,10 @@ impl Router {
         // selected route, in that order, built in one pass over the table
         // (this runs for every neighbour every update interval: looking each
         // route up again was a fifth of it).
-        let mut msgs: Vec<Message> = Vec::with_capacity(self.xroutes.len() + self.routes.len());
+        let mut msgs: Vec<(RouteKey, Message)> = Vec::with_capacity(self.xroutes.len() + self.routes.len());
         let ours: Vec<RouteKey> = self.xroutes.iter().copied().collect();
         for key in &ours {
-            msgs.push(self.update_message(key, iface));
+            msgs.push((*key, self.update_message(key, iface)));
         }
         let interval = self.announced_interval(iface);
         for (key, slot) in &self.routes {
@@ -1195,18 +1195,12 @@ impl Router {
                 let e = &slot.entries[i];
                 (e.router_id, e.seqno, e.metric)
             };
-            msgs.push(update_for(key, router_id, seqno, metric, interval));
+            msgs.push((*key, update_for(key, router_id, seqno, metric, interval)));
         }
-        for msg in &msgs {
-            if let Message::Update { prefix: Some(IpNet::V6(p)), src, .. } = msg {
-                let src = match src {
-                    Some(IpNet::V6(s)) => Some(*s),
-                    _ => None,
-                };
-                self.note_sent(now, &(*p, src), msg);
-            }
+        for (key, msg) in &msgs {
+            self.note_sent(now, key, msg);
         }
-        self.out.entry((iface, dst)).or_default().extend(msgs);
+        self.out.entry((iface, dst)).or_default().extend(msgs.into_iter().map(|(_, m)| m));
     }
 
     /// Queues our current update for each of `keys` on `iface`.
