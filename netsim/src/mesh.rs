@@ -907,64 +907,19 @@ impl MeshSim {
     /// nodes in the same component can reach each other, possibly through
     /// others, whatever the tunnels.
     pub fn underlay_components(&self) -> Vec<u32> {
-        let n = self.nodes.len();
-        let mut comp = vec![u32::MAX; n];
-        let mut unvisited: Vec<NodeId> = (0..n).filter(|&i| self.alive[i]).collect();
-        let mut next_id = 0;
-        while let Some(root) = unvisited.pop() {
-            comp[root] = next_id;
-            let mut queue = VecDeque::from([root]);
-            while let Some(u) = queue.pop_front() {
-                let mut rest = Vec::with_capacity(unvisited.len());
-                for v in unvisited.drain(..) {
-                    if self.link_up(u, v) {
-                        comp[v] = next_id;
-                        queue.push_back(v);
-                    } else {
-                        rest.push(v);
-                    }
-                }
-                unvisited = rest;
-            }
-            next_id += 1;
-        }
-        comp
+        components(self.nodes.len(), |i| self.alive[i], |a, b| self.link_up(a, b))
     }
 
     /// The lowest underlay latency from `a` to every node, over working
     /// paths and through any running nodes (`None`: unreachable). Costs
     /// O(n²) calls of the path function.
     pub fn underlay_distances(&self, a: NodeId) -> Vec<Option<Duration>> {
-        let n = self.nodes.len();
-        let mut dist: Vec<Option<Duration>> = vec![None; n];
-        let mut done = vec![false; n];
-        dist[a] = Some(Duration::ZERO);
-        loop {
-            let mut best: Option<(Duration, NodeId)> = None;
-            for v in 0..n {
-                if !done[v]
-                    && let Some(d) = dist[v]
-                    && best.is_none_or(|(bd, _)| d < bd)
-                {
-                    best = Some((d, v));
-                }
-            }
-            let Some((d, u)) = best else { break };
-            done[u] = true;
-            if !self.alive[u] {
-                continue;
-            }
-            for v in 0..n {
-                if done[v] || !self.alive[v] || !self.link_up(u, v) {
-                    continue;
-                }
-                let nd = d + self.path(u, v).latency;
-                if dist[v].is_none_or(|old| nd < old) {
-                    dist[v] = Some(nd);
-                }
-            }
-        }
-        dist
+        distances(
+            self.nodes.len(),
+            a,
+            |i| self.alive[i],
+            |u, v| self.link_up(u, v).then(|| self.path(u, v).latency),
+        )
     }
 
     /// Tunnels that are up at both ends, as (a, b) with a < b.
@@ -988,6 +943,78 @@ impl MeshSim {
         v.sort();
         v
     }
+}
+
+/// The connected components of an underlay of `n` nodes among the ones
+/// `alive` (a component id per node; `u32::MAX` for the others), given
+/// which direct paths are up.
+pub fn components(
+    n: usize,
+    alive: impl Fn(NodeId) -> bool,
+    link_up: impl Fn(NodeId, NodeId) -> bool,
+) -> Vec<u32> {
+    let mut comp = vec![u32::MAX; n];
+    let mut unvisited: Vec<NodeId> = (0..n).filter(|&i| alive(i)).collect();
+    let mut next_id = 0;
+    while let Some(root) = unvisited.pop() {
+        comp[root] = next_id;
+        let mut queue = VecDeque::from([root]);
+        while let Some(u) = queue.pop_front() {
+            let mut rest = Vec::with_capacity(unvisited.len());
+            for v in unvisited.drain(..) {
+                if link_up(u, v) {
+                    comp[v] = next_id;
+                    queue.push_back(v);
+                } else {
+                    rest.push(v);
+                }
+            }
+            unvisited = rest;
+        }
+        next_id += 1;
+    }
+    comp
+}
+
+/// The lowest latency from `a` to every node of an underlay of `n` nodes,
+/// through the ones `alive`; `latency(u, v)` is `None` for a path that is
+/// down. Dijkstra in O(n²).
+pub fn distances(
+    n: usize,
+    a: NodeId,
+    alive: impl Fn(NodeId) -> bool,
+    latency: impl Fn(NodeId, NodeId) -> Option<Duration>,
+) -> Vec<Option<Duration>> {
+    let mut dist: Vec<Option<Duration>> = vec![None; n];
+    let mut done = vec![false; n];
+    dist[a] = Some(Duration::ZERO);
+    loop {
+        let mut best: Option<(Duration, NodeId)> = None;
+        for v in 0..n {
+            if !done[v]
+                && let Some(d) = dist[v]
+                && best.is_none_or(|(bd, _)| d < bd)
+            {
+                best = Some((d, v));
+            }
+        }
+        let Some((d, u)) = best else { break };
+        done[u] = true;
+        if !alive(u) {
+            continue;
+        }
+        for v in 0..n {
+            if done[v] || !alive(v) {
+                continue;
+            }
+            let Some(l) = latency(u, v) else { continue };
+            let nd = d + l;
+            if dist[v].is_none_or(|old| nd < old) {
+                dist[v] = Some(nd);
+            }
+        }
+    }
+    dist
 }
 
 /// Whether an inner packet is control traffic: link-local or multicast

@@ -133,7 +133,8 @@ fn reachability_plot(r: &Report) -> String {
     let y0 = ((min * 10.0).floor() / 10.0).min(0.9) * 100.0;
     let f = Frame::new(w, h, (0.0, r.duration_s), (y0, 100.0));
     svg_open(&mut out, w, h, "reachability over time");
-    f.axes(&mut out, "virtual time (s)", "pairs reachable (%)", &|v| format!("{v:.0}"));
+    let clock = if r.namespaces { "time (s, real nodes in namespaces)" } else { "virtual time (s)" };
+    f.axes(&mut out, clock, "pairs reachable (%)", &|v| format!("{v:.0}"));
     for (i, e) in r.events.iter().enumerate().skip(1) {
         let x = f.x(e.at_s);
         let _ = write!(
@@ -316,12 +317,13 @@ h2{{margin-top:1.4em;border-bottom:1px solid #ddd}}.row{{display:flex;flex-wrap:
     );
     let _ = write!(
         o,
-        "<table><tr><th>nodes</th><td>{}</td><th>virtual time</th><td>{} s</td><th>seed</th><td>{}</td></tr>\
+        "<table><tr><th>nodes</th><td>{}</td><th>{}</th><td>{} s</td><th>seed</th><td>{}</td></tr>\
          <tr><th>tunnels at the end</th><td>{} (mean degree {:.1})</td><th>tunnel-graph mean hops</th><td>{:.2} (max {})</td>\
          <th>pairs checked per sample</th><td>{}</td></tr>\
          <tr><th>control B/s/node</th><td>mean {:.0}, p99 {:.0}, max {:.0}</td><th>mean path stretch</th><td>{}</td>\
          <th>forwarding loops seen</th><td>{}</td></tr>{}</table>",
         r.nodes,
+        if r.namespaces { "real time (namespaces)" } else { "virtual time" },
         fmt_num(r.duration_s),
         r.seed,
         r.tunnel_graph.tunnels,

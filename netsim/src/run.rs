@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::babel::NodeId;
-use crate::mesh::{MeshConfig, MeshSim, PathParams, Walk};
+use crate::mesh::{MeshConfig, MeshSim, NodeTraffic, PathParams, Walk};
 use crate::rng::Rng;
 use crate::scenario::{ActionKind, EventSpec, Scenario, counted_name};
 
@@ -43,6 +43,8 @@ pub struct Report {
     pub passed: bool,
     /// Wall-clock seconds the run took (filled by the caller).
     pub wall_s: Option<f64>,
+    /// Run on real processes in namespaces (`false`: the simulator).
+    pub namespaces: bool,
 }
 
 /// A region and how many nodes it got.
@@ -160,12 +162,118 @@ pub struct AssertionResult {
     pub detail: String,
 }
 
+/// What a scenario runs on: the in-process simulator ([`MeshSim`], virtual
+/// time) or real processes in network namespaces
+/// ([`crate::ns::scenario`], wall-clock time). Nodes are indexes.
+pub trait Network {
+    /// Number of nodes (running or not).
+    fn len(&self) -> usize;
+    /// Whether there are no nodes at all.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Whether node `i` runs.
+    fn is_alive(&self, i: NodeId) -> bool;
+    /// Whether node `i` accepts no incoming tunnel.
+    fn is_nat(&self, i: NodeId) -> bool;
+    /// Lets the network run until `t` seconds after its start.
+    fn run_until(&mut self, t: f64);
+    /// The time to give a sample taken now that was due at `t` (the
+    /// simulator is always on time; real networks may be late).
+    fn sample_time(&self, t: f64) -> f64 {
+        t
+    }
+    /// Breaks or heals the underlay path between two nodes.
+    fn set_path(&mut self, a: NodeId, b: NodeId, up: bool);
+    /// Undoes every `set_path`: paths are as configured again.
+    fn reset_paths(&mut self);
+    /// Partition islands: paths between different islands are down.
+    fn set_islands(&mut self, island: Vec<u32>);
+    /// Node `i` crashes: it stops answering, nobody is told.
+    fn fail(&mut self, i: NodeId);
+    /// Node `i` starts afresh (after a crash, or joining).
+    fn restart(&mut self, i: NodeId);
+    /// Node `i` leaves gracefully.
+    fn leave(&mut self, i: NodeId);
+    /// Tunnels up at both ends, as (a, b) with a < b.
+    fn tunnel_graph(&mut self) -> Vec<(NodeId, NodeId)>;
+    /// Underlay components among running nodes (see [`MeshSim::underlay_components`]).
+    fn underlay_components(&self) -> Vec<u32>;
+    /// Lowest underlay latency from `a` to every node.
+    fn underlay_distances(&self, a: NodeId) -> Vec<Option<Duration>>;
+    /// Whether the path between two nodes is broken by configuration.
+    fn path_broken(&self, a: NodeId, b: NodeId) -> bool;
+    /// Node `i`'s control traffic so far.
+    fn traffic(&mut self, i: NodeId) -> NodeTraffic;
+    /// Whether packets from each pair's first node get to its second now:
+    /// one [`Walk`] per pair (`Reached` carries the one-way latency).
+    fn check(&mut self, pairs: &[(NodeId, NodeId)]) -> Vec<Walk>;
+    /// Whether this is real processes in namespaces.
+    fn is_real(&self) -> bool {
+        false
+    }
+}
+
+impl Network for MeshSim {
+    fn len(&self) -> usize {
+        MeshSim::len(self)
+    }
+    fn is_alive(&self, i: NodeId) -> bool {
+        MeshSim::is_alive(self, i)
+    }
+    fn is_nat(&self, i: NodeId) -> bool {
+        MeshSim::is_nat(self, i)
+    }
+    fn run_until(&mut self, t: f64) {
+        let now = self.elapsed().as_secs_f64();
+        if t > now {
+            self.run_for(Duration::from_secs_f64(t - now));
+        }
+    }
+    fn set_path(&mut self, a: NodeId, b: NodeId, up: bool) {
+        MeshSim::set_path(self, a, b, up);
+    }
+    fn reset_paths(&mut self) {
+        MeshSim::reset_paths(self);
+    }
+    fn set_islands(&mut self, island: Vec<u32>) {
+        MeshSim::set_islands(self, island);
+    }
+    fn fail(&mut self, i: NodeId) {
+        self.set_alive(i, false);
+    }
+    fn restart(&mut self, i: NodeId) {
+        MeshSim::restart(self, i);
+    }
+    fn leave(&mut self, i: NodeId) {
+        MeshSim::leave(self, i);
+    }
+    fn tunnel_graph(&mut self) -> Vec<(NodeId, NodeId)> {
+        MeshSim::tunnel_graph(self)
+    }
+    fn underlay_components(&self) -> Vec<u32> {
+        MeshSim::underlay_components(self)
+    }
+    fn underlay_distances(&self, a: NodeId) -> Vec<Option<Duration>> {
+        MeshSim::underlay_distances(self, a)
+    }
+    fn path_broken(&self, a: NodeId, b: NodeId) -> bool {
+        self.path(a, b).broken
+    }
+    fn traffic(&mut self, i: NodeId) -> NodeTraffic {
+        MeshSim::traffic(self, i)
+    }
+    fn check(&mut self, pairs: &[(NodeId, NodeId)]) -> Vec<Walk> {
+        pairs.iter().map(|&(a, b)| self.walk(a, b)).collect()
+    }
+}
+
 /// The nodes and underlay built from a scenario.
-struct Layout {
-    names: Vec<String>,
-    region_of: Vec<usize>,
-    nat: Vec<bool>,
-    joining: Vec<bool>,
+pub(crate) struct Layout {
+    pub names: Vec<String>,
+    pub region_of: Vec<usize>,
+    pub nat: Vec<bool>,
+    pub joining: Vec<bool>,
 }
 
 fn hash01(seed: u64, a: usize, b: usize, salt: u64) -> f64 {
@@ -173,7 +281,9 @@ fn hash01(seed: u64, a: usize, b: usize, salt: u64) -> f64 {
     r.next_f64()
 }
 
-fn layout(s: &Scenario, rng: &mut Rng) -> Layout {
+pub(crate) fn layout(s: &Scenario) -> Layout {
+    let mut rng = Rng::new(s.seed);
+    let rng = &mut rng;
     let regions = s.regions();
     let count = s.nodes.count;
     let total_share: f64 = regions.iter().map(|r| r.share).sum();
@@ -220,11 +330,9 @@ fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
     }
 }
 
-/// Builds the simulated mesh a scenario describes (the nodes, their
-/// regions, NAT, the underlay). Also returns node names and regions.
-pub fn build(s: &Scenario) -> (MeshSim, Vec<String>, Vec<usize>) {
-    let mut rng = Rng::new(s.seed);
-    let l = layout(s, &mut rng);
+/// The underlay paths a scenario describes: each path's parameters, drawn
+/// from its regions' (seeded: the same in the simulator and in namespaces).
+pub(crate) fn paths(s: &Scenario, region_of: &[usize]) -> impl Fn(NodeId, NodeId) -> PathParams + use<> {
     let regions = s.regions();
     let nr = regions.len();
     let mut lat = vec![Duration::ZERO; nr * nr];
@@ -239,18 +347,9 @@ pub fn build(s: &Scenario) -> (MeshSim, Vec<String>, Vec<usize>) {
             jitter[i * nr + j] = Duration::from_secs_f64((a.jitter_ms + b.jitter_ms) / 1000.0);
         }
     }
-    let n = l.names.len();
-    let mut cfg = MeshConfig::new(n, s.manager.clone());
-    cfg.hello_interval = Duration::from_secs_f64(s.babel.hello_interval_s);
-    cfg.update_interval = Duration::from_secs_f64(s.babel.update_interval_s);
-    cfg.nat = l.nat.clone();
-    cfg.threads = s.threads;
-    cfg.initially_down = l.joining.clone();
-    cfg.uplink =
-        l.region_of.iter().map(|&r| regions[r].uplink_kbps.map(|k| (k * 1000.0 / 8.0) as u64)).collect();
-    let region_of = l.region_of.clone();
+    let region_of = region_of.to_vec();
     let seed = s.seed;
-    let paths = move |a: NodeId, b: NodeId| {
+    move |a: NodeId, b: NodeId| {
         let k = region_of[a] * nr + region_of[b];
         // Each path's latency: the regions' figure times a factor in [0.75, 1.25).
         let f = 0.75 + 0.5 * hash01(seed, a, b, 1);
@@ -260,19 +359,49 @@ pub fn build(s: &Scenario) -> (MeshSim, Vec<String>, Vec<usize>) {
             loss: loss[k],
             broken: broken[k] > 0.0 && hash01(seed, a, b, 2) < broken[k],
         }
-    };
+    }
+}
+
+/// Builds the simulated mesh a scenario describes (the nodes, their
+/// regions, NAT, the underlay). Also returns node names and regions.
+pub fn build(s: &Scenario) -> (MeshSim, Vec<String>, Vec<usize>) {
+    let l = layout(s);
+    let regions = s.regions();
+    let n = l.names.len();
+    let mut cfg = MeshConfig::new(n, s.manager.clone());
+    cfg.hello_interval = Duration::from_secs_f64(s.babel.hello_interval_s);
+    cfg.update_interval = Duration::from_secs_f64(s.babel.update_interval_s);
+    cfg.nat = l.nat.clone();
+    cfg.threads = s.threads;
+    cfg.initially_down = l.joining.clone();
+    cfg.uplink =
+        l.region_of.iter().map(|&r| regions[r].uplink_kbps.map(|k| (k * 1000.0 / 8.0) as u64)).collect();
+    let paths = paths(s, &l.region_of);
     (MeshSim::with_config(cfg, paths, s.seed ^ 0x5eed), l.names, l.region_of)
 }
 
 /// Runs a scenario to its end; `progress(virtual_seconds_done)` is called
 /// after every sample.
 pub fn run(s: &Scenario, mut progress: impl FnMut(f64)) -> Report {
-    Runner::new(s).run(&mut progress)
+    let (sim, names, region_of) = build(s);
+    Runner::new(s, sim, names, region_of).run(&mut progress)
 }
 
-struct Runner<'a> {
+/// Runs a scenario on any [`Network`] (`names` and `region_of`: one per
+/// node, as the scenario's layout gives them).
+pub fn run_on<N: Network>(
+    s: &Scenario,
+    net: N,
+    names: Vec<String>,
+    region_of: Vec<usize>,
+    mut progress: impl FnMut(f64),
+) -> Report {
+    Runner::new(s, net, names, region_of).run(&mut progress)
+}
+
+struct Runner<'a, N> {
     s: &'a Scenario,
-    sim: MeshSim,
+    sim: N,
     names: Vec<String>,
     region_of: Vec<usize>,
     rng: Rng,
@@ -290,9 +419,8 @@ struct Runner<'a> {
     loops: LoopReport,
 }
 
-impl<'a> Runner<'a> {
-    fn new(s: &'a Scenario) -> Self {
-        let (sim, names, region_of) = build(s);
+impl<'a, N: Network> Runner<'a, N> {
+    fn new(s: &'a Scenario, sim: N, names: Vec<String>, region_of: Vec<usize>) -> Self {
         let mut rng = Rng::new(s.seed ^ 0xe7e7);
         let n = sim.len();
         let all = n * (n - 1);
@@ -362,10 +490,7 @@ impl<'a> Runner<'a> {
         loop {
             let ev_t = schedule.get(next_event).map(|e| e.0).unwrap_or(f64::INFINITY);
             let t = ev_t.min(next_sample).min(end);
-            let now = self.sim.elapsed().as_secs_f64();
-            if t > now {
-                self.sim.run_for(Duration::from_secs_f64(t - now));
-            }
+            self.sim.run_until(t);
             let mut changed = false;
             while next_event < schedule.len() && schedule[next_event].0 <= t {
                 let (at, spec) = schedule[next_event];
@@ -377,7 +502,7 @@ impl<'a> Runner<'a> {
                 self.comp = self.sim.underlay_components();
             }
             if t >= next_sample || changed {
-                self.sample(t);
+                self.sample(self.sim.sample_time(t));
                 progress(t);
                 if t >= next_sample {
                     next_sample += dt;
@@ -391,15 +516,18 @@ impl<'a> Runner<'a> {
     }
 
     fn sample(&mut self, t: f64) {
-        let mut eligible = 0;
+        let checked: Vec<(NodeId, NodeId)> = self
+            .pairs
+            .iter()
+            .copied()
+            .filter(|&(a, b)| self.comp[a] != u32::MAX && self.comp[a] == self.comp[b])
+            .collect();
+        let walks = self.sim.check(&checked);
+        let eligible = checked.len();
         let mut reachable = 0;
         let mut loops = 0;
-        for &(a, b) in &self.pairs {
-            if self.comp[a] == u32::MAX || self.comp[a] != self.comp[b] {
-                continue;
-            }
-            eligible += 1;
-            match self.sim.walk(a, b) {
+        for (&(a, b), walk) in checked.iter().zip(walks) {
+            match walk {
                 Walk::Reached { .. } => reachable += 1,
                 Walk::Loop { path } => {
                     loops += 1;
@@ -495,7 +623,7 @@ impl<'a> Runner<'a> {
                         break;
                     }
                     if e.action == ActionKind::FailNode {
-                        self.sim.set_alive(i, false);
+                        self.sim.fail(i);
                         self.failed.push(i);
                     } else {
                         self.sim.leave(i);
@@ -604,7 +732,7 @@ impl<'a> Runner<'a> {
                     for b in (0..n).step_by((n / 200).max(1)) {
                         if a != b {
                             paths += 1;
-                            broken += usize::from(self.sim.path(a, b).broken);
+                            broken += usize::from(self.sim.path_broken(a, b));
                         }
                     }
                 }
@@ -636,6 +764,7 @@ impl<'a> Runner<'a> {
             assertions: Vec::new(),
             passed: true,
             wall_s: None,
+            namespaces: self.sim.is_real(),
         };
         report.assertions = check(self.s, &report);
         report.passed = report.assertions.iter().all(|a| a.passed);
@@ -650,18 +779,24 @@ impl<'a> Runner<'a> {
         let sources = (40_000_000 / (n * n).max(1)).clamp(1, 30).min(running.len());
         let mut pool = running.to_vec();
         shuffle(&mut pool, &mut self.rng);
-        let mut v = Vec::new();
+        let mut pairs = Vec::new();
+        let mut shortest = Vec::new();
         for &a in pool.iter().take(sources) {
             let dist = self.sim.underlay_distances(a);
             for &b in running {
-                if b == a {
-                    continue;
+                if b != a {
+                    pairs.push((a, b));
+                    shortest.push(dist[b]);
                 }
-                if let (Walk::Reached { latency, .. }, Some(d)) = (self.sim.walk(a, b), dist[b])
-                    && !d.is_zero()
-                {
-                    v.push(latency.as_secs_f64() / d.as_secs_f64());
-                }
+            }
+        }
+        let walks = self.sim.check(&pairs);
+        let mut v = Vec::new();
+        for (walk, d) in walks.into_iter().zip(shortest) {
+            if let (Walk::Reached { latency, .. }, Some(d)) = (walk, d)
+                && !d.is_zero()
+            {
+                v.push(latency.as_secs_f64() / d.as_secs_f64());
             }
         }
         distribution(v)

@@ -35,7 +35,10 @@ fn shipped_scenarios_parse_and_all_have_assertions() {
         .filter(|n| n.ends_with(".toml"))
         .collect();
     names.sort();
-    assert_eq!(names, ["churn.toml", "europe-china.toml", "partition-heal.toml", "thousand.toml"]);
+    assert_eq!(
+        names,
+        ["churn.toml", "europe-china.toml", "namespaces.toml", "partition-heal.toml", "thousand.toml"]
+    );
     for n in names {
         let s = shipped(&n);
         let a = &s.assertions;
@@ -57,6 +60,12 @@ fn partition_heal_scenario_holds() {
 #[test]
 fn churn_scenario_holds() {
     run_shipped("churn.toml", 20, 140.0, 6);
+}
+
+/// The scenario CI also runs on real nodes (tests/tests/ns_scenario.rs).
+#[test]
+fn namespaces_scenario_holds_in_the_simulator_too() {
+    run_shipped("namespaces.toml", 8, 160.0, 5);
 }
 
 #[test]

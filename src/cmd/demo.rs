@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -28,14 +28,8 @@ pub struct DemoArgs {
     report: PathBuf,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: nix::libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
 fn stopping() -> Result<()> {
-    if STOP.load(Ordering::Relaxed) {
+    if super::INTERRUPTED.load(Ordering::Relaxed) {
         bail!("interrupted: cleaning up");
     }
     Ok(())
@@ -51,12 +45,7 @@ pub fn run_demo(a: DemoArgs) -> Result<ExitCode> {
     }
     // Ctrl-C and SIGTERM set a flag; the demo then returns and every
     // namespace and process is removed by the harness's destructors.
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let act = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
-    for s in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { sigaction(s, &act) }.context("cannot install the Ctrl-C handler")?;
-    }
+    super::catch_interrupts()?;
     let bin = std::env::current_exe().context("cannot find the sixmesh binary")?;
     for tool in ["ip", "nft", "ping"] {
         if std::process::Command::new("which")
@@ -77,21 +66,14 @@ fn real(bin: &std::path::Path, a: DemoArgs) -> Result<ExitCode> {
     println!(
         "sixmesh demo: a registry and {n} nodes in network namespaces, joined through an \"internet\" bridge"
     );
-    let mut mesh = Mesh::new(bin, "demo", n);
+    let mut mesh = Mesh::with_latency(bin, "demo", n);
     println!(
         "  registry up and {n} nodes enrolled in {:.1} s (CA {})",
         t0.elapsed().as_secs_f64(),
         mesh.fingerprint
     );
-    // A few Internet paths are broken from the start, as in real life.
-    let broken = [(0, n / 2), (1, n - 1)];
-    for &(x, y) in &broken {
-        mesh.cut(x, y);
-    }
-    println!(
-        "  broken underlay paths: {}",
-        broken.iter().map(|(x, y)| format!("n{x}-n{y}")).collect::<Vec<_>>().join(", ")
-    );
+    let impaired = impair(&mesh);
+    println!("  underlay: {impaired}");
     for k in 0..n {
         mesh.start_node(k, "");
     }
@@ -158,7 +140,7 @@ fn real(bin: &std::path::Path, a: DemoArgs) -> Result<ExitCode> {
     let reach = wait_until(Duration::from_secs(15), || mesh.unreachable().is_empty());
     print_table(&mesh, &ping_matrix(&mesh), started.elapsed());
 
-    std::fs::write(&a.report, html(&mesh, &timeline, converged, (x, y, gap)))
+    std::fs::write(&a.report, html(&mesh, &impaired, &timeline, converged, (x, y, gap)))
         .with_context(|| format!("cannot write {}", a.report.display()))?;
     println!("\nreport: {}", a.report.display());
     println!("cleaning up: stopping {n} nodes and the registry, deleting the namespaces");
@@ -166,6 +148,38 @@ fn real(bin: &std::path::Path, a: DemoArgs) -> Result<ExitCode> {
         bail!("some pairs stayed unreachable after the cut");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Makes the underlay look like the Internet: two "continents" (the first
+/// half of the nodes and the rest) 5–12 ms apart inside and 60–75 ms
+/// across, 3 % loss on a few paths and a few paths broken from the start.
+/// Returns what it did, in words.
+fn impair(mesh: &Mesh) -> String {
+    let n = mesh.nodes.len();
+    let half = n.div_ceil(2);
+    for a in 0..n {
+        for b in a + 1..n {
+            let spread = ((a * 7 + b * 13) % 8) as u64;
+            let ms = if (a < half) == (b < half) { 5 + spread } else { 60 + 2 * spread };
+            mesh.set_latency(a, b, Duration::from_millis(ms), Duration::from_millis(2));
+        }
+    }
+    let lossy: Vec<(usize, usize)> = [(0, 1), (2, n - 1)].into_iter().filter(|&(a, b)| a < b).collect();
+    let broken: Vec<(usize, usize)> =
+        [(0, n / 2), (1, n - 1)].into_iter().filter(|&(a, b)| a < b && !lossy.contains(&(a, b))).collect();
+    let mut paths: Vec<(usize, usize, f64)> = lossy.iter().map(|&(a, b)| (a, b, 0.03)).collect();
+    paths.extend(broken.iter().map(|&(a, b)| (a, b, 1.0)));
+    mesh.impair_paths(&paths);
+    let list =
+        |v: &[(usize, usize)]| v.iter().map(|(x, y)| format!("n{x}-n{y}")).collect::<Vec<_>>().join(", ");
+    format!(
+        "n0..n{} and n{half}..n{} are two continents (5-12 ms inside, 60-75 ms across, 2 ms jitter); \
+         3 % loss on {}; broken: {}",
+        half - 1,
+        n - 1,
+        list(&lossy),
+        list(&broken)
+    )
 }
 
 /// `matrix[a][b]`: whether node a gets an answer from b (None on the diagonal).
@@ -271,6 +285,7 @@ fn connected_without(n: usize, edges: &[(usize, usize)], without: (usize, usize)
 
 fn html(
     mesh: &Mesh,
+    underlay: &str,
     timeline: &[(f64, usize, usize)],
     converged: Duration,
     cut: (usize, usize, Duration),
@@ -303,7 +318,7 @@ fn html(
     format!(
         "<!doctype html><html><head><meta charset=utf-8><title>sixmesh demo</title>\
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 10px;text-align:left}}</style></head><body>\
-<h1>sixmesh demo</h1><p>A registry and {n} nodes in network namespaces. Every pair answered pings \
+<h1>sixmesh demo</h1><p>A registry and {n} nodes in network namespaces. Underlay: {underlay}. Every pair answered pings \
 <b>{conv:.1} s</b> after the nodes started. After the Internet path n{a}&ndash;n{b} was cut, traffic \
 between them came back through other nodes after <b>{gap:.2} s</b>.</p>\
 <h2>Reachable pairs over time</h2><svg width={w} height={h} style='border:1px solid #ccc'>\

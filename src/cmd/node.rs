@@ -175,9 +175,11 @@ pub const DEFAULT_NODE_CONTROL: &str = "/run/sixmesh/node.sock";
 /// removes what it set up.
 #[derive(Debug, Args)]
 #[command(after_help = "Settings come from the signed network config; --config FILE (TOML) overrides: \
-listen_port, tun, control, endpoints = [\"ip:port\"], hello_interval_ms, config_refresh_secs, \
-client_count, max_clients, tunnel_refresh_secs, metrics = \"127.0.0.1:9185\", bridge = \"bridge.toml\", and [[peer]] tables \
-(prefix, public_key, endpoint, babel) for fixed peers such as plain WireGuard ones.")]
+listen_port, tun, control, endpoints = [\"ip:port\"], hello_interval_ms, update_interval_ms, config_refresh_secs, \
+client_count, max_clients, tunnel_refresh_secs, metrics = \"127.0.0.1:9185\", bridge = \"bridge.toml\", [[peer]] tables \
+(prefix, public_key, endpoint, babel) for fixed peers such as plain WireGuard ones, and a [manager] table for any other \
+tunnel-manager setting (check_interval, connect_timeout, retry_after, unreachable_client_count, unreachable_after: \
+seconds; max_candidates).")]
 pub struct RunArgs {
     /// The state directory `sixmesh join` filled.
     #[arg(long, value_name = "DIR", default_value = sixmesh_registry::client::DEFAULT_NODE_STATE_DIR)]
@@ -214,6 +216,7 @@ struct NodeFile {
     #[serde(default)]
     endpoints: Vec<std::net::SocketAddr>,
     hello_interval_ms: Option<u64>,
+    update_interval_ms: Option<u64>,
     config_refresh_secs: Option<u64>,
     client_count: Option<usize>,
     max_clients: Option<usize>,
@@ -222,6 +225,8 @@ struct NodeFile {
     bridge: Option<PathBuf>,
     #[serde(default, rename = "peer")]
     peers: Vec<StaticPeer>,
+    /// Tunnel-manager settings (`ManagerConfig` keys), over the others.
+    manager: Option<toml::Table>,
 }
 
 fn run_daemon(a: RunArgs) -> Result<ExitCode> {
@@ -245,6 +250,9 @@ fn run_daemon(a: RunArgs) -> Result<ExitCode> {
     if let Some(ms) = file.hello_interval_ms {
         node.hello_interval = Duration::from_millis(ms.clamp(50, 60_000));
     }
+    if let Some(ms) = file.update_interval_ms {
+        node.update_interval = Duration::from_millis(ms.clamp(50, 3_600_000)).max(node.hello_interval);
+    }
     let t = &id.config.tunnel;
     node.manager = ManagerConfig {
         client_count: file.client_count.unwrap_or(t.client_count as usize),
@@ -254,6 +262,12 @@ fn run_daemon(a: RunArgs) -> Result<ExitCode> {
         ),
         ..ManagerConfig::default()
     };
+    if let Some(over) = &file.manager {
+        // The keys given replace those of the config built so far.
+        let mut t = toml::Table::try_from(&node.manager).context("cannot serialize the manager config")?;
+        t.extend(over.clone());
+        node.manager = t.try_into().context("invalid [manager] table in the node config")?;
+    }
     let port = a.listen_port.or(file.listen_port).unwrap_or(t.port);
     let tun_name = file.tun.unwrap_or_else(|| sixmesh_mesh_node::DEFAULT_TUN_NAME.to_string());
     let mut endpoints = if a.endpoints.is_empty() { file.endpoints } else { a.endpoints };

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use super::netns::{Netns, veth};
+use super::relay::{HostRelay, Latency};
 
 /// Underlay address of host `i` (the registry is 1, nodes start at 2).
 pub fn underlay(i: usize) -> String {
@@ -67,9 +70,10 @@ pub fn sixmesh(bin: &Path, ns: &Netns, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Spawns `BIN ARGS` (the `sixmesh` binary) in `ns` with its stderr in `log`.
+/// Spawns `BIN ARGS` (the `sixmesh` binary) in `ns` with its stderr
+/// appended to `log` (a restarted process keeps its earlier log).
 pub fn spawn(bin: &Path, ns: &Netns, args: &[&str], log: &Path) -> Proc {
-    let f = std::fs::File::create(log).expect("log file");
+    let f = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
     let child = ns
         .command(bin)
         .args(args)
@@ -79,6 +83,24 @@ pub fn spawn(bin: &Path, ns: &Netns, args: &[&str], log: &Path) -> Proc {
         .spawn()
         .expect("spawn sixmesh");
     Proc { child, log: log.to_owned() }
+}
+
+/// Runs an nftables script in `ns`, panicking with nft's message if it fails.
+pub fn nft_script(ns: &Netns, script: &str) {
+    use std::io::Write;
+    if script.is_empty() {
+        return;
+    }
+    let mut child = ns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nft (apt-get install -y nftables)");
+    child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write to nft");
+    let out = child.wait_with_output().expect("wait for nft");
+    assert!(out.status.success(), "nft failed: {}\n{script}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Polls `f` every 100 ms until it holds; how long that took.
@@ -95,15 +117,29 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Dura
     }
 }
 
-/// A namespace on the "internet" bridge with underlay address `fd99::i`.
-fn attach_host(inet: &Netns, i: usize, tag: &str) -> Netns {
+/// A namespace on the "internet" bridge with underlay address `fd99::i`:
+/// linked by a veth pair, or with `latency`, by a [`HostRelay`] that delays
+/// what it sends.
+fn attach_host(
+    inet: &Netns,
+    i: usize,
+    tag: &str,
+    latency: Option<&Arc<Latency>>,
+) -> (Netns, Option<HostRelay>) {
     let ns = Netns::new(tag).unwrap();
     ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])
         .unwrap();
-    veth(&ns, "u0", inet, &format!("p{i}")).unwrap();
-    inet.ip(&["link", "set", &format!("p{i}"), "master", "br0"]).unwrap();
+    let port = format!("p{i}");
+    let relay = match latency {
+        Some(l) => Some(HostRelay::new(&ns, "u0", inet, &port, i, l.clone()).unwrap()),
+        None => {
+            veth(&ns, "u0", inet, &port).unwrap();
+            None
+        }
+    };
+    inet.ip(&["link", "set", &port, "master", "br0"]).unwrap();
     ns.ip(&["addr", "add", &format!("{}/64", underlay(i)), "dev", "u0", "nodad"]).unwrap();
-    ns
+    (ns, relay)
 }
 
 /// One node of the network.
@@ -127,19 +163,39 @@ pub struct Mesh {
     pub registry: Option<Proc>,
     pub fingerprint: String,
     pub nodes: Vec<Node>,
+    /// Path latencies, when the hosts are linked through relays.
+    latency: Option<Arc<Latency>>,
+    /// Dropped after the processes (fields drop in order).
+    relays: std::sync::Mutex<Vec<HostRelay>>,
 }
 
 impl Mesh {
     /// Builds the namespaces, starts a registry and enrolls `n` nodes (not
-    /// started yet: see [`Mesh::start_node`]).
+    /// started yet: see [`Mesh::start_node`]). Hosts are linked to the
+    /// "internet" by veth pairs: no latency.
     pub fn new(bin: &Path, tag: &str, n: usize) -> Mesh {
+        Self::build(bin, tag, n, None)
+    }
+
+    /// Like [`Mesh::new`], with every host linked through a user-space
+    /// relay so that paths can be given latency ([`Mesh::set_latency`]).
+    pub fn with_latency(bin: &Path, tag: &str, n: usize) -> Mesh {
+        Self::build(bin, tag, n, Some(Arc::new(Latency::default())))
+    }
+
+    fn build(bin: &Path, tag: &str, n: usize, latency: Option<Arc<Latency>>) -> Mesh {
         let dir = std::env::temp_dir().join(format!("sixmesh-mesh-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let inet = Netns::new("inet").unwrap();
         inet.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
         inet.ip(&["link", "set", "br0", "up"]).unwrap();
-        let host = |i: usize, tag: &str| attach_host(&inet, i, tag);
+        let mut relays = Vec::new();
+        let mut host = |i: usize, tag: &str| {
+            let (ns, relay) = attach_host(&inet, i, tag, latency.as_ref());
+            relays.extend(relay);
+            ns
+        };
         let reg = host(1, "reg");
         let regdir = dir.join("registry");
         let out = sixmesh(
@@ -219,14 +275,43 @@ impl Mesh {
                 proc: None,
             });
         }
-        Mesh { bin: bin.to_owned(), dir, inet, reg, registry: Some(registry), fingerprint, nodes }
+        Mesh {
+            bin: bin.to_owned(),
+            dir,
+            inet,
+            reg,
+            registry: Some(registry),
+            fingerprint,
+            nodes,
+            latency,
+            relays: std::sync::Mutex::new(relays),
+        }
     }
 
-    /// Starts node `k`'s daemon, with `extra` lines of node.toml.
+    /// Starts node `k`'s daemon, with `extra` lines of node.toml (after
+    /// `hello_interval_ms = 500` and `config_refresh_secs = 5`).
     pub fn start_node(&mut self, k: usize, extra: &str) {
+        self.start_node_with(k, &format!("hello_interval_ms = 500\nconfig_refresh_secs = 5\n{extra}\n"));
+    }
+
+    /// Crashes node `k`'s daemon (SIGKILL: it cleans nothing up, tells no one).
+    pub fn kill_node(&mut self, k: usize) {
+        if let Some(mut p) = self.nodes[k].proc.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    /// Stops node `k`'s daemon gracefully (SIGTERM); true if it exited cleanly.
+    pub fn stop_node(&mut self, k: usize) -> bool {
+        self.nodes[k].proc.take().is_some_and(|mut p| p.stop())
+    }
+
+    /// Starts node `k`'s daemon with this whole node.toml.
+    pub fn start_node_with(&mut self, k: usize, config: &str) {
         let node = &self.nodes[k];
         let cfg = self.dir.join(format!("n{k}.toml"));
-        std::fs::write(&cfg, format!("hello_interval_ms = 500\nconfig_refresh_secs = 5\n{extra}\n")).unwrap();
+        std::fs::write(&cfg, config).unwrap();
         let endpoint = format!("[{}]:51820", underlay(node.index));
         let proc = spawn(
             &self.bin,
@@ -295,40 +380,57 @@ impl Mesh {
     /// nftables `numgen random` rule on the "internet" bridge. Replaces any
     /// earlier impairment of the path.
     pub fn impair(&self, a: usize, b: usize, loss: f64) {
-        let (ia, ib) = (self.nodes[a].index, self.nodes[b].index);
-        let table = path_table(ia, ib);
-        let _ = self.inet.exec("nft", &["delete", "table", "bridge", &table]);
-        self.inet.exec("nft", &["add", "table", "bridge", &table]).unwrap();
-        self.inet
-            .exec(
-                "nft",
-                &[&format!(
-                    "add chain bridge {table} fw {{ type filter hook forward priority 0; policy accept; }}"
-                )],
-            )
-            .unwrap();
-        let per_mille = (loss.clamp(0.0, 1.0) * 1000.0).round() as u32;
-        let verdict = if per_mille >= 1000 {
-            "drop".to_string()
-        } else {
-            format!("numgen random mod 1000 < {per_mille} drop")
-        };
-        for (x, y) in [(underlay(ia), underlay(ib)), (underlay(ib), underlay(ia))] {
-            self.inet
-                .exec("nft", &[&format!("add rule bridge {table} fw ip6 saddr {x} ip6 daddr {y} {verdict}")])
-                .unwrap();
+        self.impair_paths(&[(a, b, loss)]);
+    }
+
+    /// [`Mesh::impair`] for many paths at once (one `nft` run); a loss of
+    /// 0 heals the path.
+    pub fn impair_paths(&self, paths: &[(usize, usize, f64)]) {
+        use std::fmt::Write;
+        let mut script = String::new();
+        for &(a, b, loss) in paths {
+            let (ia, ib) = (self.nodes[a].index, self.nodes[b].index);
+            let table = path_table(ia, ib);
+            // `add` first: deleting a table that does not exist fails the whole script.
+            let _ = writeln!(script, "add table bridge {table}\ndelete table bridge {table}");
+            let per_mille = (loss.clamp(0.0, 1.0) * 1000.0).round() as u32;
+            if per_mille == 0 {
+                continue;
+            }
+            let verdict = if per_mille >= 1000 {
+                "drop".to_string()
+            } else {
+                format!("numgen random mod 1000 < {per_mille} drop")
+            };
+            let _ = writeln!(
+                script,
+                "add table bridge {table}\n\
+                 add chain bridge {table} fw {{ type filter hook forward priority 0; policy accept; }}"
+            );
+            for (x, y) in [(underlay(ia), underlay(ib)), (underlay(ib), underlay(ia))] {
+                let _ = writeln!(script, "add rule bridge {table} fw ip6 saddr {x} ip6 daddr {y} {verdict}");
+            }
         }
+        nft_script(&self.inet, &script);
     }
 
     /// Undoes [`Mesh::cut`] or [`Mesh::impair`] on the path between two nodes.
     pub fn heal(&self, a: usize, b: usize) {
-        let table = path_table(self.nodes[a].index, self.nodes[b].index);
-        let _ = self.inet.exec("nft", &["delete", "table", "bridge", &table]);
+        self.impair_paths(&[(a, b, 0.0)]);
     }
 
     /// Another host on the "internet" (not a node), underlay `fd99::i`.
     pub fn add_host(&self, i: usize, tag: &str) -> Netns {
-        attach_host(&self.inet, i, tag)
+        let (ns, relay) = attach_host(&self.inet, i, tag, self.latency.as_ref());
+        self.relays.lock().expect("not poisoned").extend(relay);
+        ns
+    }
+
+    /// Gives the underlay path between nodes `a` and `b` a one-way latency
+    /// (each way) and jitter. Needs a mesh made by [`Mesh::with_latency`].
+    pub fn set_latency(&self, a: usize, b: usize, latency: Duration, jitter: Duration) {
+        let l = self.latency.as_ref().expect("latency needs a mesh made by Mesh::with_latency");
+        l.set(self.nodes[a].index, self.nodes[b].index, latency, jitter);
     }
 
     /// `sixmesh status --json` of node `k`.

@@ -6,7 +6,7 @@
 //! the one you ask for (`nodad`), so Babel can speak on them.
 
 use std::net::Ipv6Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -15,38 +15,7 @@ use std::time::{Duration, Instant};
 
 use nix::libc;
 
-use super::netns::{Netns, NetnsError};
-
-/// Creates a TUN device named `name` in the calling thread's namespace.
-fn create_tun(name: &str) -> std::io::Result<OwnedFd> {
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    const IFF_TUN: libc::c_short = 0x0001;
-    const IFF_NO_PI: libc::c_short = 0x1000;
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; libc::IFNAMSIZ],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
-    if name.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "interface name too long"));
-    }
-    // SAFETY: plain open(2) of a constant path.
-    let fd =
-        unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd was just opened and is owned here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TUN | IFF_NO_PI, _pad: [0; 22] };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq matches.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(fd)
-}
+use super::netns::{Netns, NetnsError, create_tun};
 
 /// Impairments of a [`TunLink`], changeable while it runs.
 #[derive(Debug, Default)]
@@ -87,7 +56,7 @@ impl TunLink {
     ) -> Result<Self, NetnsError> {
         let mut fds = Vec::new();
         for (ns, name, ll) in [(a, a_if, a_ll), (b, b_if, b_ll)] {
-            let fd = ns.run(|| create_tun(name))?.map_err(|source| NetnsError::Enter {
+            let fd = ns.run(|| create_tun(name, false))?.map_err(|source| NetnsError::Enter {
                 ns: ns.name().to_string(),
                 what: "create TUN device",
                 source,
