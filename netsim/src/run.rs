@@ -494,6 +494,8 @@ impl<'a, N: Network> Runner<'a, N> {
             let mut changed = false;
             while next_event < schedule.len() && schedule[next_event].0 <= t {
                 let (at, spec) = schedule[next_event];
+                // A real network applies it now, maybe a little late.
+                let at = self.sim.sample_time(at);
                 self.apply(at, spec);
                 next_event += 1;
                 changed = true;
@@ -505,6 +507,13 @@ impl<'a, N: Network> Runner<'a, N> {
                 self.sample(self.sim.sample_time(t));
                 progress(t);
                 if t >= next_sample {
+                    next_sample += dt;
+                }
+                // The simulator is always on time; a real network skips
+                // the sample times it is already past (a sample with
+                // unanswered pings takes up to a second).
+                let now = self.sim.sample_time(t);
+                while next_sample < now {
                     next_sample += dt;
                 }
             }
