@@ -45,6 +45,9 @@ pub struct Report {
     pub wall_s: Option<f64>,
     /// Run on real processes in namespaces (`false`: the simulator).
     pub namespaces: bool,
+    /// Where the real processes' logs are (namespaces only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logs: Option<String>,
 }
 
 /// A region and how many nodes it got.
@@ -774,6 +777,7 @@ impl<'a, N: Network> Runner<'a, N> {
             passed: true,
             wall_s: None,
             namespaces: self.sim.is_real(),
+            logs: None,
         };
         report.assertions = check(self.s, &report);
         report.passed = report.assertions.iter().all(|a| a.passed);

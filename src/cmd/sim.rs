@@ -150,6 +150,7 @@ pub fn run_sim(args: SimArgs) -> Result<ExitCode> {
         bar.set_message(format!("{t:.0}/{:.0} s", s.duration_s));
     };
     let mut report = if args.namespaces {
+        sixmesh_netsim::ns::scenario::check(&s)?;
         let bin = std::env::current_exe().context("cannot find the sixmesh binary")?;
         super::catch_interrupts()?;
         eprintln!(
@@ -246,6 +247,9 @@ fn summary(r: &Report) -> String {
     }
     for a in &r.assertions {
         let _ = writeln!(o, "    {} {}: {}", if a.passed { "ok  " } else { "FAIL" }, a.name, a.detail);
+    }
+    if let Some(dir) = &r.logs {
+        let _ = writeln!(o, "  logs of the registry and nodes: {dir}");
     }
     let _ = writeln!(o, "{}", if r.passed { "PASSED" } else { "FAILED: an assertion does not hold" });
     o

@@ -178,5 +178,10 @@ fn sim_writes_reports_and_fails_on_a_broken_assertion() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("GB available") && err.contains("--nodes") && err.contains("--force"), "{err}");
+    // Too many nodes for namespaces: refused before anything is set up, saying what to do.
+    let out = sixmesh(&["sim", scenario.to_str().unwrap(), "--namespaces"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("at most 40") && err.contains("--nodes") && !err.contains("setting up"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

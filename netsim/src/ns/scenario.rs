@@ -39,8 +39,23 @@ pub enum NsScenarioError {
          --nodes, or run it in the in-process simulator (without --namespaces)"
     )]
     TooLarge(usize),
-    #[error("the namespace harness needs root (network namespaces, TUN devices, nftables)")]
+    #[error(
+        "running a scenario in namespaces needs root (network namespaces, TAP devices, nftables): run it \
+         with sudo, or drop --namespaces to use the in-process simulator"
+    )]
     NotRoot,
+}
+
+/// Whether `s` can run in namespaces here (size, root).
+pub fn check(s: &Scenario) -> Result<(), NsScenarioError> {
+    let n = s.node_count();
+    if n > MAX_NODES {
+        return Err(NsScenarioError::TooLarge(n));
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err(NsScenarioError::NotRoot);
+    }
+    Ok(())
 }
 
 /// Runs `s` in namespaces with the `sixmesh` binary `bin`;
@@ -55,20 +70,17 @@ pub fn run(
     stop: &'static AtomicBool,
     progress: impl FnMut(f64),
 ) -> Result<Report, NsScenarioError> {
-    let n = s.node_count();
-    if n > MAX_NODES {
-        return Err(NsScenarioError::TooLarge(n));
-    }
-    if !nix::unistd::geteuid().is_root() {
-        return Err(NsScenarioError::NotRoot);
-    }
+    check(s)?;
     let l = layout(s);
     if s.regions().iter().any(|r| r.uplink_kbps.is_some()) {
         tracing::warn!("uplink_kbps is not emulated in namespaces: links run at full speed");
     }
     let mut net = NsNetwork::new(s, bin, &l.nat, &l.joining, paths(s, &l.region_of));
     net.stop = stop;
-    Ok(run_on(s, net, l.names, l.region_of, progress))
+    let logs = net.mesh.dir.display().to_string();
+    let mut report = run_on(s, net, l.names, l.region_of, progress);
+    report.logs = Some(logs);
+    Ok(report)
 }
 
 /// A scenario's network in namespaces (see the module documentation).
@@ -91,6 +103,8 @@ pub struct NsNetwork {
     by_prefix: HashMap<String, NodeId>,
     round: u16,
     stop: &'static AtomicBool,
+    /// Nodes whose daemon exited on its own (reported once).
+    crashed: Vec<bool>,
 }
 
 fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
@@ -163,6 +177,7 @@ impl NsNetwork {
             by_address,
             by_prefix,
             round: 0,
+            crashed: vec![false; n],
             stop: {
                 static NEVER: AtomicBool = AtomicBool::new(false);
                 &NEVER
@@ -236,6 +251,23 @@ impl NsNetwork {
         b.control_tx_bytes += t.control_tx_bytes;
         b.control_rx_bytes += t.control_rx_bytes;
         b.control_tx_packets += t.control_tx_packets;
+    }
+
+    /// Says so, once, when a daemon that should run has exited.
+    fn check_daemons(&mut self) {
+        for k in 0..self.alive.len() {
+            if !self.alive[k] || self.crashed[k] {
+                continue;
+            }
+            let Some(p) = self.mesh.nodes[k].proc.as_mut() else { continue };
+            if let Ok(Some(status)) = p.child.try_wait() {
+                self.crashed[k] = true;
+                tracing::warn!(
+                    "n{k}'s daemon exited on its own ({status}); its log: {}",
+                    self.mesh.dir.join(format!("n{k}.log")).display()
+                );
+            }
+        }
     }
 
     /// A raw ICMPv6 socket in node `k`'s namespace, bound to its mesh address.
@@ -394,6 +426,7 @@ impl Network for NsNetwork {
         if self.alive[i] {
             self.fail(i);
         }
+        self.crashed[i] = false;
         self.start_node(i);
     }
     fn leave(&mut self, i: NodeId) {
@@ -447,6 +480,7 @@ impl Network for NsNetwork {
         if self.stop.load(Ordering::Relaxed) {
             return pairs.iter().map(|&(a, _)| Walk::NoRoute { at: a }).collect();
         }
+        self.check_daemons();
         self.round = self.round.wrapping_add(1);
         let id = self.round;
         let mut out: Vec<Option<Walk>> = vec![None; pairs.len()];
