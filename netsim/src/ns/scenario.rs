@@ -6,7 +6,7 @@
 //! ([`crate::run::run_on`]) and writes the same report.
 //!
 //! What is measured differs where it must: reachability is real ICMPv6
-//! echo between mesh addresses (two tries per pair and sample), a loop is
+//! echo between mesh addresses (up to four tries per pair and sample), a loop is
 //! an ICMPv6 Time Exceeded coming back, latency is half the round trip,
 //! control bytes are the Babel bytes each node sent plus the simulator's
 //! per-packet tunnel overhead ([`crate::mesh::WIRE_OVERHEAD`]). NAT nodes get
@@ -474,8 +474,9 @@ impl Network for NsNetwork {
         }
     }
 
-    /// Pings every pair at once from the sources' mesh addresses; a pair
-    /// unanswered after 0.4 s is asked once more; answers count until 1 s.
+    /// Pings every pair at once from the sources' mesh addresses; pairs
+    /// unanswered are asked again every 250 ms (four tries); answers count
+    /// until 1 s.
     fn check(&mut self, pairs: &[(NodeId, NodeId)]) -> Vec<Walk> {
         if self.stop.load(Ordering::Relaxed) {
             return pairs.iter().map(|&(a, _)| Walk::NoRoute { at: a }).collect();
@@ -509,11 +510,12 @@ impl Network for NsNetwork {
             send(self, k, &mut sent_at);
         }
         let started = Instant::now();
-        let mut resent = false;
+        let mut tries = 1;
         let mut buf = [0u8; 1500];
         while out.iter().any(Option::is_none) && started.elapsed() < Duration::from_secs(1) {
-            if !resent && started.elapsed() >= Duration::from_millis(400) {
-                resent = true;
+            // Lossy paths lose pings too: ask again every 250 ms, four times in all.
+            if tries < 4 && started.elapsed() >= Duration::from_millis(250) * tries {
+                tries += 1;
                 let missing: Vec<usize> = (0..pairs.len()).filter(|&k| out[k].is_none()).collect();
                 for k in missing {
                     send(self, k, &mut sent_at);
