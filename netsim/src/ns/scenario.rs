@@ -75,8 +75,7 @@ pub fn run(
     if s.regions().iter().any(|r| r.uplink_kbps.is_some()) {
         tracing::warn!("uplink_kbps is not emulated in namespaces: links run at full speed");
     }
-    let mut net = NsNetwork::new(s, bin, &l.nat, &l.joining, paths(s, &l.region_of));
-    net.stop = stop;
+    let net = NsNetwork::new(s, bin, &l.nat, &l.joining, paths(s, &l.region_of), stop);
     let logs = net.mesh.dir.display().to_string();
     let mut report = run_on(s, net, l.names, l.region_of, progress);
     report.logs = Some(logs);
@@ -107,19 +106,30 @@ pub struct NsNetwork {
     crashed: Vec<bool>,
 }
 
+/// Control counters of a node's earlier runs and its current one.
+fn sum(a: NodeTraffic, b: NodeTraffic) -> NodeTraffic {
+    NodeTraffic {
+        control_tx_bytes: a.control_tx_bytes + b.control_tx_bytes,
+        control_rx_bytes: a.control_rx_bytes + b.control_rx_bytes,
+        control_tx_packets: a.control_tx_packets + b.control_tx_packets,
+        data_tx_bytes: 0,
+    }
+}
+
 fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
     (a.min(b), a.max(b))
 }
 
 impl NsNetwork {
     /// Builds the namespaces, enrolls every node and starts the ones not
-    /// `joining`.
+    /// `joining`. Setting `stop` ends the run early (see [`run`]).
     pub fn new(
         s: &Scenario,
         bin: &Path,
         nat: &[bool],
         joining: &[bool],
         path: impl Fn(NodeId, NodeId) -> PathParams,
+        stop: &'static AtomicBool,
     ) -> Self {
         let n = nat.len();
         let mesh = Mesh::with_latency(bin, "sc", n);
@@ -178,10 +188,7 @@ impl NsNetwork {
             by_prefix,
             round: 0,
             crashed: vec![false; n],
-            stop: {
-                static NEVER: AtomicBool = AtomicBool::new(false);
-                &NEVER
-            },
+            stop,
         };
         net.reconcile();
         for (k, _) in joining.iter().enumerate().filter(|(_, j)| !**j) {
@@ -246,11 +253,7 @@ impl NsNetwork {
 
     /// Keeps a node's counters before its process goes.
     fn bank_traffic(&mut self, k: NodeId) {
-        let t = self.current_traffic(k);
-        let b = &mut self.base[k];
-        b.control_tx_bytes += t.control_tx_bytes;
-        b.control_rx_bytes += t.control_rx_bytes;
-        b.control_tx_packets += t.control_tx_packets;
+        self.base[k] = sum(self.base[k], self.current_traffic(k));
     }
 
     /// Says so, once, when a daemon that should run has exited.
@@ -465,13 +468,7 @@ impl Network for NsNetwork {
         self.paths[a * self.alive.len() + b].broken
     }
     fn traffic(&mut self, i: NodeId) -> NodeTraffic {
-        let (b, t) = (self.base[i], self.current_traffic(i));
-        NodeTraffic {
-            control_tx_bytes: b.control_tx_bytes + t.control_tx_bytes,
-            control_rx_bytes: b.control_rx_bytes + t.control_rx_bytes,
-            control_tx_packets: b.control_tx_packets + t.control_tx_packets,
-            data_tx_bytes: 0,
-        }
+        sum(self.base[i], self.current_traffic(i))
     }
 
     /// Pings every pair at once from the sources' mesh addresses; pairs
@@ -509,6 +506,9 @@ impl Network for NsNetwork {
         for k in 0..pairs.len() {
             send(self, k, &mut sent_at);
         }
+        let mut sources: Vec<NodeId> = pairs.iter().map(|p| p.0).collect();
+        sources.sort_unstable();
+        sources.dedup();
         let started = Instant::now();
         let mut tries = 1;
         let mut buf = [0u8; 1500];
@@ -521,12 +521,6 @@ impl Network for NsNetwork {
                     send(self, k, &mut sent_at);
                 }
             }
-            let sources: Vec<NodeId> = {
-                let mut v: Vec<NodeId> = pairs.iter().map(|p| p.0).collect();
-                v.sort_unstable();
-                v.dedup();
-                v
-            };
             let mut pfds: Vec<libc::pollfd> = sources
                 .iter()
                 .filter_map(|&a| self.pingers[a].as_ref())
