@@ -94,6 +94,7 @@ fn real(bin: &std::path::Path, a: DemoArgs) -> Result<ExitCode> {
         std::thread::sleep(Duration::from_millis(500));
     }
     let Some(converged) = converged else {
+        mesh.keep_logs = true;
         bail!("the mesh did not converge in 60 s; logs are in {}", mesh.dir.display());
     };
     println!("\nevery node reaches every other node {:.1} s after start\n", converged.as_secs_f64());
@@ -145,7 +146,8 @@ fn real(bin: &std::path::Path, a: DemoArgs) -> Result<ExitCode> {
     println!("\nreport: {}", a.report.display());
     println!("cleaning up: stopping {n} nodes and the registry, deleting the namespaces");
     if reach.is_none() {
-        bail!("some pairs stayed unreachable after the cut");
+        mesh.keep_logs = true;
+        bail!("some pairs stayed unreachable after the cut; logs are in {}", mesh.dir.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,5 @@
 //! Scenario files on real processes: the relays give underlay paths their
-//! latency, and `sixmesh sim --namespaces` runs a shipped scenario — a
+//! latency, a token bucket limits a node's uplink, and `sixmesh sim --namespaces` runs a shipped scenario — a
 //! registry and 8 nodes in namespaces, with latency, jitter, loss, broken
 //! paths, a NAT node, a tunnel cut, a node crash and restart, a partition
 //! and its heal — and its assertions hold.
@@ -52,6 +52,54 @@ fn relays_give_underlay_paths_their_latency() {
     mesh.set_latency(0, 1, Duration::ZERO, Duration::ZERO);
     let back = underlay_rtts(&mesh, 0, 1, 3);
     assert!(back.iter().all(|&t| t < 20.0), "latency removed: {back:?} ms");
+}
+
+/// Seconds to send `bytes` over TCP from node `a` to node `b` on the underlay.
+fn tcp_transfer_secs(mesh: &Mesh, a: usize, b: usize, bytes: usize) -> f64 {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr =
+        format!("[{}]:5201", sixmesh_tests::mesh::underlay(mesh.nodes[b].index)).parse().unwrap();
+    let listener = mesh.nodes[b].ns.run(|| std::net::TcpListener::bind(addr)).unwrap().unwrap();
+    let receiver = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        while got < bytes {
+            match s.read(&mut buf).unwrap() {
+                0 => break,
+                n => got += n,
+            }
+        }
+        got
+    });
+    let start = std::time::Instant::now();
+    let mut s = mesh.nodes[a].ns.run(|| std::net::TcpStream::connect(addr)).unwrap().unwrap();
+    s.write_all(&vec![7u8; bytes]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(receiver.join().unwrap(), bytes, "every byte arrived");
+    start.elapsed().as_secs_f64()
+}
+
+#[test]
+fn uplink_limits_throttle_what_a_node_sends() {
+    if !require_root_netns() {
+        return;
+    }
+    let mesh = Mesh::with_latency(&sixmesh_tests::sixmesh_bin(), "up", 2);
+    let bytes = 250_000;
+    let free = tcp_transfer_secs(&mesh, 0, 1, bytes);
+    assert!(free < 1.0, "no limit: 250 kB took {free:.2} s");
+    // 1,000 kbit/s is 125 kB/s: 250 kB take two seconds.
+    mesh.set_uplink(0, Some(1000.0));
+    let limited = tcp_transfer_secs(&mesh, 0, 1, bytes);
+    assert!((1.6..6.0).contains(&limited), "1,000 kbit/s uplink: 250 kB took {limited:.2} s");
+    // Only what node 0 sends is limited: the other way runs free.
+    let back = tcp_transfer_secs(&mesh, 1, 0, bytes);
+    assert!(back < 1.0, "node 1's uplink is free: 250 kB took {back:.2} s");
+    mesh.set_uplink(0, None);
+    eprintln!("250 kB: {free:.2} s free, {limited:.2} s at 1,000 kbit/s, {back:.2} s the other way");
+    let lifted = tcp_transfer_secs(&mesh, 0, 1, bytes);
+    assert!(lifted < 1.0, "limit lifted: 250 kB took {lifted:.2} s");
 }
 
 #[test]

@@ -167,6 +167,24 @@ pub struct Mesh {
     latency: Option<Arc<Latency>>,
     /// Dropped after the processes (fields drop in order).
     relays: std::sync::Mutex<Vec<HostRelay>>,
+    /// Keep [`Mesh::dir`] (logs, state, configs) when dropped. It is
+    /// removed otherwise, unless the thread is panicking (a failed test's
+    /// logs stay for whoever debugs it).
+    pub keep_logs: bool,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if self.keep_logs || std::thread::panicking() {
+            return;
+        }
+        // Daemons first: they write into the directory until they stop.
+        for node in &mut self.nodes {
+            node.proc.take();
+        }
+        self.registry.take();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Mesh {
@@ -285,6 +303,7 @@ impl Mesh {
             nodes,
             latency,
             relays: std::sync::Mutex::new(relays),
+            keep_logs: false,
         }
     }
 
@@ -431,6 +450,42 @@ impl Mesh {
     pub fn set_latency(&self, a: usize, b: usize, latency: Duration, jitter: Duration) {
         let l = self.latency.as_ref().expect("latency needs a mesh made by Mesh::with_latency");
         l.set(self.nodes[a].index, self.nodes[b].index, latency, jitter);
+    }
+
+    /// Limits what node `k` sends onto the underlay to `kbps` kbit/s (its
+    /// access link's upstream, like a home box's), with a token bucket
+    /// (`tbf`) on its underlay interface that queues up to a second of
+    /// traffic; `None` lifts the limit.
+    pub fn set_uplink(&self, k: usize, kbps: Option<f64>) {
+        let ns = &self.nodes[k].ns;
+        match kbps {
+            Some(kbps) => {
+                let rate = (kbps.max(8.0)).round() as u64;
+                // A burst of at least a few full frames, or 10 ms of traffic.
+                let burst = (rate * 1000 / 8 / 100).max(4 * 1600);
+                ns.exec(
+                    "tc",
+                    &[
+                        "qdisc",
+                        "replace",
+                        "dev",
+                        "u0",
+                        "root",
+                        "tbf",
+                        "rate",
+                        &format!("{rate}kbit"),
+                        "burst",
+                        &burst.to_string(),
+                        "latency",
+                        "1s",
+                    ],
+                )
+                .unwrap();
+            }
+            None => {
+                let _ = ns.exec("tc", &["qdisc", "del", "dev", "u0", "root"]);
+            }
+        }
     }
 
     /// `sixmesh status --json` of node `k`.

@@ -10,8 +10,9 @@
 //! an ICMPv6 Time Exceeded coming back, latency is half the round trip,
 //! control bytes are the Babel bytes each node sent plus the simulator's
 //! per-packet tunnel overhead ([`crate::mesh::WIRE_OVERHEAD`]). NAT nodes get
-//! a stateful firewall (no unsolicited UDP in); uplink bandwidth limits
-//! are not emulated (a warning says so).
+//! a stateful firewall (no unsolicited UDP in); a region's `uplink_kbps`
+//! is a token bucket filter (`tbf`) on each of its nodes' underlay
+//! interfaces.
 
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
@@ -72,10 +73,11 @@ pub fn run(
 ) -> Result<Report, NsScenarioError> {
     check(s)?;
     let l = layout(s);
-    if s.regions().iter().any(|r| r.uplink_kbps.is_some()) {
-        tracing::warn!("uplink_kbps is not emulated in namespaces: links run at full speed");
-    }
-    let net = NsNetwork::new(s, bin, &l.nat, &l.joining, paths(s, &l.region_of), stop);
+    let regions = s.regions();
+    let uplink: Vec<Option<f64>> = l.region_of.iter().map(|&r| regions[r].uplink_kbps).collect();
+    let mut net = NsNetwork::new(s, bin, &l.nat, &l.joining, &uplink, paths(s, &l.region_of), stop);
+    // The report names the logs: they stay.
+    net.mesh.keep_logs = true;
     let logs = net.mesh.dir.display().to_string();
     let mut report = run_on(s, net, l.names, l.region_of, progress);
     report.logs = Some(logs);
@@ -122,12 +124,15 @@ fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
 
 impl NsNetwork {
     /// Builds the namespaces, enrolls every node and starts the ones not
-    /// `joining`. Setting `stop` ends the run early (see [`run`]).
+    /// `joining`; `uplink` limits what each node sends (kbit/s). Setting
+    /// `stop` ends the run early (see [`run`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         s: &Scenario,
         bin: &Path,
         nat: &[bool],
         joining: &[bool],
+        uplink: &[Option<f64>],
         path: impl Fn(NodeId, NodeId) -> PathParams,
         stop: &'static AtomicBool,
     ) -> Self {
@@ -144,6 +149,11 @@ impl NsNetwork {
                 let p = &paths[a * n + b];
                 // Jitter is drawn at each end in the simulator; here at the sender.
                 mesh.set_latency(a, b, p.latency, p.jitter);
+            }
+        }
+        for (k, kbps) in uplink.iter().enumerate() {
+            if kbps.is_some() {
+                mesh.set_uplink(k, *kbps);
             }
         }
         // The scenario's Babel timers and tunnel manager, all of it.
