@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv6Net};
 
 pub use self::fxhash::{FxBuildHasher, FxHasher, FxMap};
-use self::tables::{Installed, Neighbour, RouteEntry, Slot, Source};
+use self::tables::{Installed, Neighbour, RouteEntry, Slot, Source, Ticks};
 pub use self::tables::{NeighbourInfo, RouteInfo, seqno_newer};
 use crate::wire::{self, INFINITY, Message, PacketBuilder, RequestTarget, RouterId};
 
@@ -516,7 +516,7 @@ impl Router {
                     seqno: e.seqno,
                     metric: e.metric,
                     refmetric: e.refmetric,
-                    next_hop: Some(e.next_hop),
+                    next_hop: Some(slot.next_hop(e.nbr, n.addr)),
                     iface: Some(n.iface),
                     selected: slot.selected == Some(i),
                     feasible: self.feasible(key, e.router_id, e.seqno, e.refmetric),
@@ -538,7 +538,8 @@ impl Router {
     pub fn selected(&self, key: &RouteKey) -> Option<(IfaceId, Ipv6Addr, u16)> {
         let slot = self.routes.get(key)?;
         let e = &slot.entries[slot.selected?];
-        Some((self.neighbours[&e.nbr].iface, e.next_hop, e.metric))
+        let n = &self.neighbours[&e.nbr];
+        Some((n.iface, slot.next_hop(e.nbr, n.addr), e.metric))
     }
 
     // ------------------------------------------------------- neighbours
@@ -770,7 +771,8 @@ impl Router {
                     Some(IpAddr::V6(a)) => a,
                     _ => from,
                 };
-                self.handle_update(now, nbr, (prefix, src), router_id, next_hop, seqno, metric, interval);
+                let hop = (next_hop, from);
+                self.handle_update(now, nbr, (prefix, src), router_id, hop, seqno, metric, interval);
             }
             // IPv4 routes are parsed and ignored: the mesh is IPv6.
             Message::Update { .. } => {}
@@ -808,7 +810,7 @@ impl Router {
         nbr: u32,
         key: RouteKey,
         router_id: RouterId,
-        next_hop: Ipv6Addr,
+        (next_hop, from): (Ipv6Addr, Ipv6Addr),
         seqno: u16,
         refmetric: u16,
         interval: u16,
@@ -832,6 +834,7 @@ impl Router {
             return;
         }
         let hold = interval_duration(interval, default_interval) * 7 / 2;
+        let expires = Ticks::ceil(self.epoch, now + hold);
         let metric = add_metric(cost, refmetric);
         // Most updates are the periodic repetition of what the neighbour
         // said before: when nothing changed and a route is selected, only
@@ -840,14 +843,14 @@ impl Router {
         if let Some(slot) = self.routes.get_mut(&key)
             && slot.selected.is_some()
             && let Some(i) = slot.position(nbr)
+            && slot.next_hop(nbr, from) == next_hop
             && let e = &mut slot.entries[i]
             && e.router_id == router_id
             && e.seqno == seqno
             && e.refmetric == refmetric
             && e.metric == metric
-            && e.next_hop == next_hop
         {
-            e.expires = now + hold;
+            e.expires = expires;
             return;
         }
         let feasible = self.feasible(&key, router_id, seqno, refmetric);
@@ -856,9 +859,10 @@ impl Router {
         }
         let slot = self.routes.entry(key).or_default();
         let was_selected_here = slot.selected.is_some_and(|i| slot.entries[i].nbr == nbr);
+        let old_next_hop = slot.next_hop(nbr, from);
         match slot.position(nbr).map(|i| &mut slot.entries[i]) {
             Some(e) => {
-                if (e.router_id, e.seqno, e.refmetric, e.metric, e.next_hop)
+                if (e.router_id, e.seqno, e.refmetric, e.metric, old_next_hop)
                     != (router_id, seqno, refmetric, metric, next_hop)
                 {
                     self.stats.updates_changed += 1;
@@ -867,22 +871,14 @@ impl Router {
                 e.seqno = seqno;
                 e.refmetric = refmetric;
                 e.metric = metric;
-                e.next_hop = next_hop;
-                e.expires = now + hold;
+                e.expires = expires;
             }
             None => {
                 self.stats.updates_changed += 1;
-                slot.push(RouteEntry {
-                    nbr,
-                    router_id,
-                    seqno,
-                    refmetric,
-                    metric,
-                    next_hop,
-                    expires: now + hold,
-                })
+                slot.push(RouteEntry { nbr, router_id, seqno, refmetric, metric, expires })
             }
         }
+        slot.set_next_hop(nbr, next_hop, from);
         self.reselect(now, key);
         // Answer seqno requests this update satisfies.
         self.satisfy_requests(now, &key, router_id, seqno);
@@ -1057,7 +1053,10 @@ impl Router {
             (None, b) => b,
             (c, None) => c,
         };
-        let after = choice.map(|i| Installed::from(&slot.entries[i]));
+        let after = choice.map(|i| {
+            let e = &slot.entries[i];
+            Installed::new(e, slot.next_hop(e.nbr, self.neighbours[&e.nbr].addr))
+        });
         let slot = self.routes.get_mut(&key).expect("slot");
         slot.selected = choice;
         let before = std::mem::replace(&mut slot.installed, after.clone());
@@ -1345,11 +1344,12 @@ impl Router {
                 // One sweep now and then rather than a timer per entry: with
                 // thousands of destinations per neighbour those timers were
                 // most of the timer heap (babeld sweeps too).
+                let now_ticks = Ticks::floor(self.epoch, now);
                 let expired: Vec<(RouteKey, u32)> = self
                     .routes
                     .iter()
                     .flat_map(|(k, slot)| {
-                        slot.entries.iter().filter(|e| e.expires <= now).map(|e| (*k, e.nbr))
+                        slot.entries.iter().filter(|e| e.expires <= now_ticks).map(|e| (*k, e.nbr))
                     })
                     .collect();
                 for (key, nbr) in expired {

@@ -219,7 +219,11 @@ pub struct RouteInfo {
     pub feasible: bool,
 }
 
-/// One neighbour's route to a destination.
+/// One neighbour's route to a destination. A router holds one per
+/// destination per neighbour (20,000 with 1,000 destinations over 20
+/// tunnels), so it is kept small: 24 bytes. Its next hop is the
+/// neighbour's address unless [`Slot::next_hop`] says otherwise, and it
+/// expires in [`Ticks`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct RouteEntry {
     pub nbr: u32,
@@ -227,8 +231,29 @@ pub(super) struct RouteEntry {
     pub seqno: u16,
     pub refmetric: u16,
     pub metric: u16,
-    pub next_hop: Ipv6Addr,
-    pub expires: Instant,
+    pub expires: Ticks,
+}
+
+/// A time as quarter-seconds since the router's epoch (34 years fit), for
+/// route expiry: entries are swept every few seconds anyway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Ticks(u32);
+
+impl Ticks {
+    const PER_SEC: u128 = 4;
+
+    /// `t` rounded up: an entry never expires early.
+    pub fn ceil(epoch: Instant, t: Instant) -> Self {
+        let ns = t.saturating_duration_since(epoch).as_nanos();
+        let unit = 1_000_000_000 / Self::PER_SEC;
+        Ticks(u32::try_from(ns.div_ceil(unit)).unwrap_or(u32::MAX))
+    }
+
+    /// `t` rounded down.
+    pub fn floor(epoch: Instant, t: Instant) -> Self {
+        let ns = t.saturating_duration_since(epoch).as_nanos();
+        Ticks(u32::try_from(ns / (1_000_000_000 / Self::PER_SEC)).unwrap_or(u32::MAX))
+    }
 }
 
 /// What was last reported for a destination, to tell changes.
@@ -241,15 +266,9 @@ pub(super) struct Installed {
     pub next_hop: Ipv6Addr,
 }
 
-impl From<&RouteEntry> for Installed {
-    fn from(e: &RouteEntry) -> Self {
-        Installed {
-            nbr: e.nbr,
-            router_id: e.router_id,
-            seqno: e.seqno,
-            metric: e.metric,
-            next_hop: e.next_hop,
-        }
+impl Installed {
+    pub fn new(e: &RouteEntry, next_hop: Ipv6Addr) -> Self {
+        Installed { nbr: e.nbr, router_id: e.router_id, seqno: e.seqno, metric: e.metric, next_hop }
     }
 }
 
@@ -268,6 +287,9 @@ pub(super) struct Slot {
     /// costs no cache miss of its own.
     nbrs: [u32; INLINE_NBRS],
     spill: Vec<u32>,
+    /// The entries whose next hop is not the neighbour's own address (a
+    /// Next-Hop TLV said so: rare), by neighbour id.
+    other_next_hops: Vec<(u32, Ipv6Addr)>,
     pub selected: Option<usize>,
     pub installed: Option<Installed>,
 }
@@ -278,6 +300,7 @@ impl Default for Slot {
             entries: Vec::new(),
             nbrs: [0; INLINE_NBRS],
             spill: Vec::new(),
+            other_next_hops: Vec::new(),
             selected: None,
             installed: None,
         }
@@ -302,9 +325,38 @@ impl Slot {
         }
     }
 
-    /// Adds an entry (for a neighbour that has none yet).
+    /// The next hop of neighbour `nbr`'s entry, `addr` being the
+    /// neighbour's address.
+    #[inline]
+    pub fn next_hop(&self, nbr: u32, addr: Ipv6Addr) -> Ipv6Addr {
+        if self.other_next_hops.is_empty() {
+            return addr;
+        }
+        self.other_next_hops.iter().find(|(n, _)| *n == nbr).map_or(addr, |(_, a)| *a)
+    }
+
+    /// Sets the next hop of neighbour `nbr`'s entry.
+    pub fn set_next_hop(&mut self, nbr: u32, next_hop: Ipv6Addr, addr: Ipv6Addr) {
+        let at = self.other_next_hops.iter().position(|(n, _)| *n == nbr);
+        match at {
+            _ if next_hop == addr => {
+                if let Some(i) = at {
+                    self.other_next_hops.swap_remove(i);
+                }
+            }
+            Some(i) => self.other_next_hops[i].1 = next_hop,
+            None => self.other_next_hops.push((nbr, next_hop)),
+        }
+    }
+
+    /// Adds an entry (for a neighbour that has none yet). The vector
+    /// grows four entries at a time, not doubling: a destination has as
+    /// many entries as neighbours, and there are many destinations.
     pub fn push(&mut self, e: RouteEntry) {
         let i = self.entries.len();
+        if i == self.entries.capacity() {
+            self.entries.reserve_exact(4);
+        }
         if i < INLINE_NBRS {
             self.nbrs[i] = e.nbr;
         } else {
@@ -317,6 +369,7 @@ impl Slot {
     pub fn remove_nbr(&mut self, nbr: u32) -> bool {
         let Some(i) = self.position(nbr) else { return false };
         self.entries.swap_remove(i);
+        self.other_next_hops.retain(|(n, _)| *n != nbr);
         let last = self.entries.len();
         // The last entry moved to `i`: so does its id.
         if i < last {

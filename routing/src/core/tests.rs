@@ -170,7 +170,7 @@ fn announced_prefix_is_sent_with_our_id_and_metric_0() {
 /// swap-removes, inline and past the inline part.
 #[test]
 fn slot_finds_every_neighbour_through_pushes_and_removals() {
-    use super::tables::{RouteEntry, Slot};
+    use super::tables::{RouteEntry, Slot, Ticks};
     let now = Instant::now();
     let entry = |nbr: u32| RouteEntry {
         nbr,
@@ -178,9 +178,12 @@ fn slot_finds_every_neighbour_through_pushes_and_removals() {
         seqno: 0,
         refmetric: 0,
         metric: 0,
-        next_hop: ll(1),
-        expires: now,
+        expires: Ticks::ceil(now, now),
     };
+    // Every third neighbour's entry has a next hop of its own (its address
+    // is `ll(nbr)`; the other hop `ll(1000 + nbr)`).
+    let own = |nbr: u32| ll(1000 + nbr as u16);
+    let addr = |nbr: u32| ll(nbr as u16);
     let mut slot = Slot::default();
     let mut model: Vec<u32> = Vec::new();
     let mut x = 7u32;
@@ -193,15 +196,50 @@ fn slot_finds_every_neighbour_through_pushes_and_removals() {
             model.retain(|&n| n != nbr);
         } else {
             slot.push(entry(nbr));
+            let hop = if nbr.is_multiple_of(3) { own(nbr) } else { addr(nbr) };
+            slot.set_next_hop(nbr, hop, addr(nbr));
             model.push(nbr);
         }
         assert_eq!(slot.entries.len(), model.len());
         for n in 0..40 {
             match slot.position(n) {
-                Some(i) => assert_eq!(slot.entries[i].nbr, n, "step {step}"),
+                Some(i) => {
+                    assert_eq!(slot.entries[i].nbr, n, "step {step}");
+                    let hop = if n.is_multiple_of(3) { own(n) } else { addr(n) };
+                    assert_eq!(slot.next_hop(n, addr(n)), hop, "step {step}: next hop of {n}");
+                }
                 None => assert!(!model.contains(&n), "step {step}: {n} lost"),
             }
         }
     }
     assert!(!slot.remove_nbr(99));
+}
+
+/// Route expiry times round up (an entry never expires early) and
+/// comparisons against a rounded-down now see it expired once due.
+#[test]
+fn ticks_never_expire_an_entry_early() {
+    use super::tables::Ticks;
+    let epoch = Instant::now();
+    for ms in [0u64, 1, 249, 250, 251, 999, 1000, 123_456] {
+        let due = epoch + Duration::from_millis(ms);
+        let expires = Ticks::ceil(epoch, due);
+        for before in [1u64, 10, 100, 249] {
+            if let Some(t) = due.checked_sub(Duration::from_millis(before))
+                && t >= epoch
+            {
+                assert!(expires > Ticks::floor(epoch, t), "{ms} ms: expired {before} ms early");
+            }
+        }
+        assert!(expires <= Ticks::floor(epoch, due + Duration::from_millis(250)), "{ms} ms: late by a tick");
+    }
+    // Far in the future: saturates instead of wrapping.
+    let far = epoch + Duration::from_secs(200 * 365 * 86_400);
+    assert!(Ticks::ceil(epoch, far) >= Ticks::floor(epoch, far));
+}
+
+/// A router holds one entry per destination per neighbour: keep it small.
+#[test]
+fn route_entries_stay_small() {
+    assert!(std::mem::size_of::<super::tables::RouteEntry>() <= 24);
 }
