@@ -62,9 +62,10 @@ pub struct SimArgs {
     namespaces: bool,
 }
 
-/// Peak memory per Babel route entry, measured: 1,000 nodes with 20
-/// neighbours each (2 × 10⁷ entries) peak at 3.2 GB.
-const BYTES_PER_ROUTE_ENTRY: f64 = 160.0;
+/// Peak memory per Babel route entry, measured (everything the simulator
+/// holds, divided by the entries): 1,000 nodes with 20 neighbours each
+/// (2 × 10⁷ entries) peak at 2.2 GB, 2,000 nodes (8 × 10⁷) at 6.9 GB.
+const BYTES_PER_ROUTE_ENTRY: f64 = 110.0;
 
 /// What a scenario's route tables will take at their fullest: every node
 /// keeps a route to every other node from each of its neighbours (about

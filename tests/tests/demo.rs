@@ -13,10 +13,14 @@ fn demo_as_root_builds_a_mesh_reroutes_and_cleans_up() {
         return;
     }
     let report = std::env::temp_dir().join(format!("sixmesh-demo-{}.html", std::process::id()));
-    let out = Command::new(sixmesh_bin())
+    let child = Command::new(sixmesh_bin())
         .args(["demo", "--nodes", "4", "--report", report.to_str().unwrap()])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("every node reaches every other node"), "{stdout}");
@@ -28,6 +32,9 @@ fn demo_as_root_builds_a_mesh_reroutes_and_cleans_up() {
     let ns = String::from_utf8(Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
     let leftovers: Vec<&str> = ns.lines().filter(|l| l.contains("-demo") || l.contains("-inet")).collect();
     assert!(leftovers.is_empty(), "namespaces left behind: {leftovers:?}");
+    // A demo that worked leaves no logs either (a failed one keeps them and says where).
+    let logs = std::env::temp_dir().join(format!("sixmesh-mesh-demo-{pid}"));
+    assert!(!logs.exists(), "{} left behind", logs.display());
 }
 
 #[test]

@@ -150,5 +150,9 @@ fn shipped_scenario_runs_on_real_nodes_in_namespaces() {
     assert!(r["tunnel_graph"]["tunnels"].as_u64().unwrap() >= 7, "{stdout}");
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.contains("<svg") && page.contains("namespaces"), "HTML report");
+    // The nodes' logs stay where the report says.
+    let logs = std::path::PathBuf::from(r["logs"].as_str().expect("the report names the logs"));
+    assert!(logs.join("n0.log").is_file() && logs.join("registry.log").is_file(), "{}", logs.display());
+    let _ = std::fs::remove_dir_all(&logs);
     let _ = std::fs::remove_dir_all(&dir);
 }
