@@ -55,9 +55,10 @@ pub struct SimArgs {
     force: bool,
     /// Run on real processes instead of the simulator (root): a registry and one `sixmesh node
     /// run` per node, each in its own network namespace, joined through an "internet" bridge with
-    /// the scenario's latency, jitter, loss and broken paths (user-space relays and nftables).
-    /// Events happen on the wall clock: a 300 s scenario takes 300 s. Reachability is measured
-    /// with pings, loops with ICMPv6 Time Exceeded. At most 40 nodes (use --nodes).
+    /// the scenario's latency, jitter, loss, broken paths and uplinks (user-space relays,
+    /// nftables, tc tbf). Events happen on the wall clock: a 300 s scenario takes 300 s.
+    /// Reachability is measured with pings, loops with ICMPv6 Time Exceeded. The nodes' logs stay
+    /// in the directory the report names. At most 40 nodes (use --nodes).
     #[arg(long)]
     namespaces: bool,
 }
