@@ -153,12 +153,18 @@ fn openssl_client(dir: &Path, port: u16, cert: &str, key: &str) -> bool {
     String::from_utf8_lossy(&out.stdout).contains("ping")
 }
 
-#[test]
-fn bridge_and_stunnel_interoperate_both_ways_and_refuse_what_they_should() {
-    let dir: PathBuf = std::env::temp_dir().join(format!("sixmesh-bridge-{}", std::process::id()));
+/// A fresh test directory `$TMPDIR/{name}-PID` holding the test PKI ([`pki`]).
+fn dir_with_pki(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     pki(&dir);
+    dir
+}
+
+#[test]
+fn bridge_and_stunnel_interoperate_both_ways_and_refuse_what_they_should() {
+    let dir = dir_with_pki("sixmesh-bridge");
     let echo = echo_server();
     let (st_server, our_client, our_server, st_client) = (free_port(), free_port(), free_port(), free_port());
     let (prefix_only, metrics_port) = (free_port(), free_port());
@@ -374,10 +380,7 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 /// open connection goes on, and a broken file changes nothing.
 #[test]
 fn bridge_config_reloads_without_dropping_connections() {
-    let dir: PathBuf = std::env::temp_dir().join(format!("sixmesh-bridge-reload-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    pki(&dir);
+    let dir = dir_with_pki("sixmesh-bridge-reload");
     let echo = echo_server();
     let (first, second, server) = (free_port(), free_port(), free_port());
     let d = dir.display();
@@ -468,10 +471,7 @@ fn count_until_eof_server() -> u16 {
 /// one too many (counted and logged).
 #[test]
 fn bridge_propagates_half_close_closes_idle_and_limits_connections() {
-    let dir: PathBuf = std::env::temp_dir().join(format!("sixmesh-bridge-limits-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    pki(&dir);
+    let dir = dir_with_pki("sixmesh-bridge-limits");
     let (counter, echo) = (count_until_eof_server(), echo_server());
     let (half, half_in, idle, idle_in) = (free_port(), free_port(), free_port(), free_port());
     let d = dir.display();

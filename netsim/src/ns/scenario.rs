@@ -26,7 +26,7 @@ use nix::libc;
 use super::mesh::{Mesh, nft_script};
 use crate::babel::NodeId;
 use crate::mesh::{NodeTraffic, PathParams, WIRE_OVERHEAD, Walk, components, distances};
-use crate::run::{Network, Report, layout, paths, run_on};
+use crate::run::{Layout, Network, Report, layout, paths, run_on};
 use crate::scenario::Scenario;
 
 /// More nodes than this in namespaces would swamp a small machine.
@@ -73,9 +73,7 @@ pub fn run(
 ) -> Result<Report, NsScenarioError> {
     check(s)?;
     let l = layout(s);
-    let regions = s.regions();
-    let uplink: Vec<Option<f64>> = l.region_of.iter().map(|&r| regions[r].uplink_kbps).collect();
-    let mut net = NsNetwork::new(s, bin, &l.nat, &l.joining, &uplink, paths(s, &l.region_of), stop);
+    let mut net = NsNetwork::new(s, bin, &l, stop);
     // The report names the logs: they stay.
     net.mesh.keep_logs = true;
     let logs = net.mesh.dir.display().to_string();
@@ -123,19 +121,13 @@ fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
 }
 
 impl NsNetwork {
-    /// Builds the namespaces, enrolls every node and starts the ones not
-    /// `joining`; `uplink` limits what each node sends (kbit/s). Setting
-    /// `stop` ends the run early (see [`run`]).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        s: &Scenario,
-        bin: &Path,
-        nat: &[bool],
-        joining: &[bool],
-        uplink: &[Option<f64>],
-        path: impl Fn(NodeId, NodeId) -> PathParams,
-        stop: &'static AtomicBool,
-    ) -> Self {
+    /// Builds the namespaces of layout `l` (its underlay paths and uplinks
+    /// drawn as the simulator draws them), enrolls every node and starts
+    /// the ones not joining later. Setting `stop` ends the run early (see
+    /// [`run`]).
+    pub(crate) fn new(s: &Scenario, bin: &Path, l: &Layout, stop: &'static AtomicBool) -> Self {
+        let (nat, joining) = (&l.nat, &l.joining);
+        let path = paths(s, &l.region_of);
         let n = nat.len();
         let mesh = Mesh::with_latency(bin, "sc", n);
         let mut paths = Vec::with_capacity(n * n);
@@ -147,13 +139,14 @@ impl NsNetwork {
         for a in 0..n {
             for b in a + 1..n {
                 let p = &paths[a * n + b];
-                // Jitter is drawn at each end in the simulator; here at the sender.
+                // Each direction's jitter is drawn per packet by its sender, as in the simulator.
                 mesh.set_latency(a, b, p.latency, p.jitter);
             }
         }
-        for (k, kbps) in uplink.iter().enumerate() {
-            if kbps.is_some() {
-                mesh.set_uplink(k, *kbps);
+        let regions = s.regions();
+        for (k, &r) in l.region_of.iter().enumerate() {
+            if let Some(kbps) = regions[r].uplink_kbps {
+                mesh.set_uplink(k, Some(kbps));
             }
         }
         // The scenario's Babel timers and tunnel manager, all of it.

@@ -240,19 +240,23 @@ pub(super) struct RouteEntry {
 pub(super) struct Ticks(u32);
 
 impl Ticks {
-    const PER_SEC: u128 = 4;
+    /// A tick, in nanoseconds.
+    const NANOS: u128 = 250_000_000;
+
+    fn new(epoch: Instant, t: Instant, round_up: bool) -> Self {
+        let ns = t.saturating_duration_since(epoch).as_nanos();
+        let ticks = if round_up { ns.div_ceil(Self::NANOS) } else { ns / Self::NANOS };
+        Ticks(u32::try_from(ticks).unwrap_or(u32::MAX))
+    }
 
     /// `t` rounded up: an entry never expires early.
     pub fn ceil(epoch: Instant, t: Instant) -> Self {
-        let ns = t.saturating_duration_since(epoch).as_nanos();
-        let unit = 1_000_000_000 / Self::PER_SEC;
-        Ticks(u32::try_from(ns.div_ceil(unit)).unwrap_or(u32::MAX))
+        Self::new(epoch, t, true)
     }
 
     /// `t` rounded down.
     pub fn floor(epoch: Instant, t: Instant) -> Self {
-        let ns = t.saturating_duration_since(epoch).as_nanos();
-        Ticks(u32::try_from(ns / (1_000_000_000 / Self::PER_SEC)).unwrap_or(u32::MAX))
+        Self::new(epoch, t, false)
     }
 }
 
