@@ -113,7 +113,9 @@ fn real(bin: &std::path::Path, a: DemoArgs) -> Result<ExitCode> {
                         .as_array()
                         .into_iter()
                         .flatten()
-                        .any(|t| t["peer"] == mesh.nodes[j].prefix.as_str())
+                        // Tunnels being tried (over a broken path, say) are listed too: only
+                        // the ones up carry traffic.
+                        .any(|t| t["up"] == true && t["peer"] == mesh.nodes[j].prefix.as_str())
             })
             .collect()
     };
