@@ -217,6 +217,24 @@ struct Iface {
     requested: Instant,
 }
 
+/// A full update's messages, kept to be sent again on the other interfaces
+/// (every tunnel is an interface, and each sends the same full update every
+/// update interval: building it, and keeping the source table for it, was
+/// a tenth of a large mesh's simulation).
+#[derive(Debug)]
+struct FullUpdate {
+    generation: u64,
+    interval: u16,
+    /// When its sources were last noted (RFC 8966 §3.7.3): again at least
+    /// this often, so that none of them ages towards garbage collection.
+    noted: Instant,
+    msgs: Vec<Message>,
+}
+
+/// How long a full update's messages may be reused without noting their
+/// sources again (well under [`SOURCE_GC`]).
+const FULL_UPDATE_REUSE: Duration = Duration::from_secs(30);
+
 /// A seqno request we sent or forwarded, kept until answered or given up.
 #[derive(Clone, Debug)]
 struct Pending {
@@ -263,7 +281,15 @@ pub struct Router {
     plain_lens: BTreeMap<u8, u32>,
     specific: BTreeSet<RouteKey>,
     out: BTreeMap<(IfaceId, Destination), Vec<Message>>,
-    timers: BinaryHeap<Reverse<(Instant, u64, Timer)>>,
+    /// Bumped whenever what a full update carries may change: a selected
+    /// route, the destinations (their order too), our prefixes or seqno.
+    generation: u64,
+    /// The last full update built, reused while `generation` holds.
+    full_update: Option<FullUpdate>,
+    /// (due, as nanoseconds since `epoch`; order of scheduling; timer):
+    /// integers compare faster than `Instant`s, and this heap is popped
+    /// for every Hello.
+    timers: BinaryHeap<Reverse<(u64, u64, Timer)>>,
     timer_seq: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -297,6 +323,8 @@ impl Router {
             plain_lens: BTreeMap::new(),
             specific: BTreeSet::new(),
             out: BTreeMap::new(),
+            generation: 0,
+            full_update: None,
             timers: BinaryHeap::new(),
             timer_seq: 0,
             transmits: VecDeque::new(),
@@ -389,6 +417,7 @@ impl Router {
     pub fn announce(&mut self, now: Instant, prefix: Ipv6Net, src: Option<Ipv6Net>) {
         let key = (prefix.trunc(), src.map(|s| s.trunc()));
         if self.xroutes.insert(key) {
+            self.generation += 1;
             if let Some(slot) = self.routes.get_mut(&key) {
                 slot.selected = None;
                 if slot.installed.take().is_some() {
@@ -404,6 +433,7 @@ impl Router {
     pub fn withdraw(&mut self, now: Instant, prefix: Ipv6Net, src: Option<Ipv6Net>) {
         let key = (prefix.trunc(), src.map(|s| s.trunc()));
         if self.xroutes.remove(&key) {
+            self.generation += 1;
             self.reselect(now, key);
             self.trigger(now, key, Urgency::Resend);
             self.flush(now);
@@ -451,19 +481,20 @@ impl Router {
 
     /// Runs the timers that are due.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let due = self.nanos(now);
         while let Some(Reverse((at, _, timer))) = self.timers.peek().copied() {
-            if at > now {
+            if at > due {
                 break;
             }
             self.timers.pop();
-            self.fire(now, at, timer);
+            self.fire(now, self.epoch + Duration::from_nanos(at), timer);
         }
         self.flush(now);
     }
 
     /// When [`Router::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        let timer = self.timers.peek().map(|Reverse((at, _, _))| self.epoch + Duration::from_nanos(*at));
         match (timer, self.flush_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -856,6 +887,7 @@ impl Router {
         let feasible = self.feasible(&key, router_id, seqno, refmetric);
         if !self.routes.contains_key(&key) {
             self.count_key(&key, true);
+            self.generation += 1;
         }
         let slot = self.routes.entry(key).or_default();
         let was_selected_here = slot.selected.is_some_and(|i| slot.entries[i].nbr == nbr);
@@ -905,6 +937,7 @@ impl Router {
         if self.xroutes.contains(&key) {
             if router_id == self.id && seqno_newer(seqno, self.seqno) {
                 self.seqno = seqno;
+                self.generation += 1;
                 self.events.push_back(Event::SeqnoChanged(self.seqno));
                 tracing::debug!(seqno, "seqno bumped on request");
             }
@@ -1111,8 +1144,12 @@ impl Router {
             }
             (None, None) => {}
         }
+        if before != after {
+            self.generation += 1;
+        }
         if empty && after.is_none() && self.routes.remove(&key).is_some() {
             self.count_key(&key, false);
+            self.generation += 1;
         }
     }
 
@@ -1176,6 +1213,17 @@ impl Router {
     }
 
     fn send_full_update(&mut self, now: Instant, iface: IfaceId, dst: Destination) {
+        let interval = self.announced_interval(iface);
+        if let Some(f) = &self.full_update
+            && f.generation == self.generation
+            && f.interval == interval
+            && now.saturating_duration_since(f.noted) < FULL_UPDATE_REUSE
+        {
+            // Nothing it carries changed, and its sources were noted with
+            // these very values: only sending is left.
+            self.out.entry((iface, dst)).or_default().extend(f.msgs.iter().cloned());
+            return;
+        }
         // What `send_updates` would send for our prefixes and then every
         // selected route, in that order, built in one pass over the table
         // (this runs for every neighbour every update interval: looking each
@@ -1185,7 +1233,6 @@ impl Router {
         for key in &ours {
             msgs.push((*key, self.update_message(key, iface)));
         }
-        let interval = self.announced_interval(iface);
         for (key, slot) in &self.routes {
             let Some(i) = slot.selected else { continue };
             let (router_id, seqno, metric) = if ours.contains(key) {
@@ -1199,7 +1246,9 @@ impl Router {
         for (key, msg) in &msgs {
             self.note_sent(now, key, msg);
         }
-        self.out.entry((iface, dst)).or_default().extend(msgs.into_iter().map(|(_, m)| m));
+        let msgs: Vec<Message> = msgs.into_iter().map(|(_, m)| m).collect();
+        self.out.entry((iface, dst)).or_default().extend(msgs.iter().cloned());
+        self.full_update = Some(FullUpdate { generation: self.generation, interval, noted: now, msgs });
     }
 
     /// Queues our current update for each of `keys` on `iface`.
@@ -1314,7 +1363,13 @@ impl Router {
 
     fn schedule(&mut self, at: Instant, t: Timer) {
         self.timer_seq += 1;
+        let at = self.nanos(at);
         self.timers.push(Reverse((at, self.timer_seq, t)));
+    }
+
+    /// `t` as nanoseconds since the epoch (the timer heap's clock).
+    fn nanos(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn fire(&mut self, now: Instant, at: Instant, timer: Timer) {
