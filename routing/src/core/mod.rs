@@ -281,6 +281,9 @@ pub struct Router {
     plain_lens: BTreeMap<u8, u32>,
     specific: BTreeSet<RouteKey>,
     out: BTreeMap<(IfaceId, Destination), Vec<Message>>,
+    /// No route entry expires before this (a lower bound: refreshed entries
+    /// only move away from it): the expiry sweep skips the table until then.
+    min_expiry: Ticks,
     /// Bumped whenever what a full update carries may change: a selected
     /// route, the destinations (their order too), our prefixes or seqno.
     generation: u64,
@@ -323,6 +326,7 @@ impl Router {
             plain_lens: BTreeMap::new(),
             specific: BTreeSet::new(),
             out: BTreeMap::new(),
+            min_expiry: Ticks::MAX,
             generation: 0,
             full_update: None,
             timers: BinaryHeap::new(),
@@ -889,6 +893,7 @@ impl Router {
         }
         let hold = interval_duration(interval, default_interval) * 7 / 2;
         let expires = Ticks::ceil(self.epoch, now + hold);
+        self.min_expiry = self.min_expiry.min(expires);
         let metric = add_metric(cost, refmetric);
         // Most updates are the periodic repetition of what the neighbour
         // said before: when nothing changed and a route is selected, only
@@ -1422,14 +1427,23 @@ impl Router {
                 // One sweep now and then rather than a timer per entry: with
                 // thousands of destinations per neighbour those timers were
                 // most of the timer heap (babeld sweeps too).
+                // Entries are refreshed long before they expire: most sweeps
+                // know from `min_expiry` that there is nothing to look at.
                 let now_ticks = Ticks::floor(self.epoch, now);
-                let expired: Vec<(RouteKey, u32)> = self
-                    .routes
-                    .iter()
-                    .flat_map(|(k, slot)| {
-                        slot.entries.iter().filter(|e| e.expires <= now_ticks).map(|e| (*k, e.nbr))
-                    })
-                    .collect();
+                let mut expired: Vec<(RouteKey, u32)> = Vec::new();
+                if self.min_expiry <= now_ticks {
+                    let mut min = Ticks::MAX;
+                    for (k, slot) in &self.routes {
+                        for e in &slot.entries {
+                            if e.expires <= now_ticks {
+                                expired.push((*k, e.nbr));
+                            } else {
+                                min = min.min(e.expires);
+                            }
+                        }
+                    }
+                    self.min_expiry = min;
+                }
                 for (key, nbr) in expired {
                     if self.remove_entry(&key, nbr) {
                         self.reselect(now, key);

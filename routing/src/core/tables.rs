@@ -242,6 +242,8 @@ pub(super) struct Ticks(u32);
 impl Ticks {
     /// A tick, in nanoseconds.
     const NANOS: u128 = 250_000_000;
+    /// Later than any expiry.
+    pub const MAX: Ticks = Ticks(u32::MAX);
 
     fn new(epoch: Instant, t: Instant, round_up: bool) -> Self {
         let ns = t.saturating_duration_since(epoch).as_nanos();

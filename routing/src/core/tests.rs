@@ -243,3 +243,129 @@ fn ticks_never_expire_an_entry_early() {
 fn route_entries_stay_small() {
     assert!(std::mem::size_of::<super::tables::RouteEntry>() <= 24);
 }
+
+/// Drives `r` to `until` in steps, running its timers; returns the
+/// updates it sent on `iface` (on every interface if `None`).
+fn run_until(r: &mut Router, from: Instant, until: Instant, iface: Option<IfaceId>) -> Vec<Message> {
+    let mut sent = Vec::new();
+    let mut t = from;
+    while t < until {
+        t += Duration::from_millis(100);
+        r.handle_timeout(t);
+        while let Some(x) = r.poll_transmit() {
+            if iface.is_none_or(|i| i == x.iface) {
+                let msgs = wire::decode(&x.payload).unwrap().messages;
+                sent.extend(msgs.into_iter().filter(|m| matches!(m, Message::Update { .. })));
+            }
+        }
+    }
+    sent
+}
+
+/// A neighbour that says Hello every 2 s and hears us (cost 96).
+struct Peer {
+    addr: Ipv6Addr,
+    seqno: u16,
+}
+
+impl Peer {
+    fn hello(&mut self, r: &mut Router, now: Instant) {
+        self.seqno += 1;
+        let hello = Message::Hello { unicast: false, seqno: self.seqno, interval: 200, timestamp: None };
+        let ihu = Message::Ihu { rxcost: 96, interval: 600, addr: None, timestamps: None };
+        r.handle_packet(now, 0, self.addr, &packet(&[hello, ihu]));
+    }
+
+    /// Runs `r` for `d` from `t`, saying Hello every 2 s; returns the
+    /// updates `r` sent on `iface` (every one if `None`) and the new time.
+    fn run(
+        &mut self,
+        r: &mut Router,
+        t: Instant,
+        d: Duration,
+        iface: Option<IfaceId>,
+    ) -> (Vec<Message>, Instant) {
+        let mut sent = Vec::new();
+        let mut t = t;
+        let end = t + d;
+        while t < end {
+            let next = t + Duration::from_secs(2);
+            sent.extend(run_until(r, t, next, iface));
+            self.hello(r, next);
+            t = next;
+        }
+        (sent, t)
+    }
+}
+
+fn update(prefix: &str, seqno: u16, metric: u16, interval: u16) -> Message {
+    Message::Update {
+        prefix: Some(prefix.parse().unwrap()),
+        src: None,
+        router_id: RouterId([2, 0, 0, 0, 0, 0, 0, 7]),
+        next_hop: None,
+        seqno,
+        metric,
+        interval,
+    }
+}
+
+/// An entry that is not refreshed goes after 3.5 of the intervals its
+/// neighbour announced, even when an earlier sweep found nothing due (the
+/// sweep skips the table until the earliest expiry it knows of, and a
+/// newer entry with a shorter interval must move that earlier).
+#[test]
+fn unrefreshed_routes_expire_even_after_empty_sweeps() {
+    let t0 = Instant::now();
+    let mut r = router(t0);
+    let mut p = Peer { addr: ll(2), seqno: 0 };
+    for _ in 0..3 {
+        p.hello(&mut r, t0);
+    }
+    // Held 105 s; then, 20 s later, one held 7 s.
+    r.handle_packet(t0, 0, ll(2), &packet(&[update("fd00:1::/64", 1, 100, 3000)]));
+    let (_, t) = p.run(&mut r, t0, Duration::from_secs(20), None);
+    r.handle_packet(t, 0, ll(2), &packet(&[update("fd00:2::/64", 1, 100, 200)]));
+    let key1: RouteKey = ("fd00:1::/64".parse().unwrap(), None);
+    let key2: RouteKey = ("fd00:2::/64".parse().unwrap(), None);
+    assert!(r.selected(&key2).is_some());
+    // Hellos keep the neighbour; only the updates stop.
+    let (_, t) = p.run(&mut r, t, Duration::from_secs(30), None);
+    assert!(r.selected(&key2).is_none(), "held 7 s, gone 30 s later");
+    assert!(r.selected(&key1).is_some(), "held 105 s: still there");
+    p.run(&mut r, t, t0 + Duration::from_secs(120) - t, None);
+    assert!(r.selected(&key1).is_none(), "held 105 s, gone after 120 s");
+}
+
+/// Full updates are built once and reused on every interface, but a
+/// change of a selected route shows in the very next one.
+#[test]
+fn reused_full_updates_carry_route_changes() {
+    let t0 = Instant::now();
+    let mut r = router(t0);
+    r.add_interface(t0, 1, InterfaceConfig::new(LinkKind::Wired, ll(1)));
+    let mut p = Peer { addr: ll(2), seqno: 0 };
+    for _ in 0..3 {
+        p.hello(&mut r, t0);
+    }
+    r.handle_packet(t0, 0, ll(2), &packet(&[update("fd00:1::/64", 1, 100, 1600)]));
+    let metrics = |msgs: &[Message]| -> Vec<u16> {
+        let want: IpNet = "fd00:1::/64".parse().unwrap();
+        msgs.iter()
+            .filter_map(|m| match m {
+                Message::Update { prefix: Some(p), metric, .. } if *p == want => Some(*metric),
+                _ => None,
+            })
+            .collect()
+    };
+    // Both interfaces' periodic full updates (every 16 s) say 196.
+    let (sent, t) = p.run(&mut r, t0, Duration::from_secs(34), None);
+    let m = metrics(&sent);
+    assert!(m.len() >= 2 && m.iter().all(|&x| x == 196), "{m:?}");
+    // The route gets worse (with a new seqno: else it is unfeasible):
+    // every later update on either interface says so.
+    r.handle_packet(t, 0, ll(2), &packet(&[update("fd00:1::/64", 2, 300, 1600)]));
+    let (sent, _) = p.run(&mut r, t, Duration::from_secs(34), None);
+    let m = metrics(&sent);
+    assert!(m.len() >= 2 && m.iter().all(|&x| x == 396), "{m:?}");
+}
