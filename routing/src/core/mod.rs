@@ -913,33 +913,45 @@ impl Router {
             return;
         }
         let feasible = self.feasible(&key, router_id, seqno, refmetric);
-        if !self.routes.contains_key(&key) {
-            self.count_key(&key, true);
-            self.generation += 1;
-        }
-        let slot = self.routes.entry(key).or_default();
+        let (slot, added) = match self.routes.entry(key) {
+            std::collections::hash_map::Entry::Occupied(o) => (o.into_mut(), false),
+            std::collections::hash_map::Entry::Vacant(v) => (v.insert(Slot::default()), true),
+        };
         let was_selected_here = slot.selected.is_some_and(|i| slot.entries[i].nbr == nbr);
         let old_next_hop = slot.next_hop(nbr, from);
-        match slot.position(nbr).map(|i| &mut slot.entries[i]) {
-            Some(e) => {
-                if (e.router_id, e.seqno, e.refmetric, e.metric, old_next_hop)
-                    != (router_id, seqno, refmetric, metric, next_hop)
-                {
-                    self.stats.updates_changed += 1;
-                }
+        let changed = match slot.position(nbr) {
+            Some(i) => {
+                let e = &mut slot.entries[i];
+                let changed = (e.router_id, e.seqno, e.refmetric, e.metric, old_next_hop)
+                    != (router_id, seqno, refmetric, metric, next_hop);
                 e.router_id = router_id;
                 e.seqno = seqno;
                 e.refmetric = refmetric;
                 e.metric = metric;
                 e.expires = expires;
+                changed
             }
             None => {
-                self.stats.updates_changed += 1;
-                slot.push(RouteEntry { nbr, router_id, seqno, refmetric, metric, expires })
+                slot.push(RouteEntry { nbr, router_id, seqno, refmetric, metric, expires });
+                true
             }
-        }
+        };
         slot.set_next_hop(nbr, next_hop, from);
-        self.reselect(now, key);
+        // Another neighbour's route that cannot beat the selected one by
+        // the hysteresis changes no selection: the rest of the table is as
+        // the last selection saw it (a new tunnel brings a thousand such).
+        let selection_stands = !was_selected_here
+            && slot.selected.is_some_and(|s| metric.saturating_add(HYSTERESIS) > slot.entries[s].metric);
+        if changed {
+            self.stats.updates_changed += 1;
+        }
+        if added {
+            self.count_key(&key, true);
+            self.generation += 1;
+        }
+        if !selection_stands {
+            self.reselect(now, key);
+        }
         // Answer seqno requests this update satisfies.
         self.satisfy_requests(now, &key, router_id, seqno);
         // RFC 8966 §3.8.2.2: an unfeasible update for the selected route (or
