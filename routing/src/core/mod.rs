@@ -281,6 +281,8 @@ pub struct Router {
     plain_lens: BTreeMap<u8, u32>,
     specific: BTreeSet<RouteKey>,
     out: BTreeMap<(IfaceId, Destination), Vec<Message>>,
+    /// The messages of the packet being handled (kept for its allocation).
+    decoded: wire::Decoded,
     /// No route entry expires before this (a lower bound: refreshed entries
     /// only move away from it): the expiry sweep skips the table until then.
     min_expiry: Ticks,
@@ -326,6 +328,7 @@ impl Router {
             plain_lens: BTreeMap::new(),
             specific: BTreeSet::new(),
             out: BTreeMap::new(),
+            decoded: wire::Decoded::default(),
             min_expiry: Ticks::MAX,
             generation: 0,
             full_update: None,
@@ -458,14 +461,14 @@ impl Router {
             self.stats.packets_dropped += 1;
             return;
         }
-        let decoded = match wire::decode(bytes) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::debug!(%src, iface, "dropped Babel packet: {e}");
-                self.stats.packets_dropped += 1;
-                return;
-            }
-        };
+        // One buffer for every packet's messages (no allocation per packet).
+        let mut decoded = std::mem::take(&mut self.decoded);
+        if let Err(e) = wire::decode_into(bytes, &mut decoded) {
+            tracing::debug!(%src, iface, "dropped Babel packet: {e}");
+            self.stats.packets_dropped += 1;
+            self.decoded = decoded;
+            return;
+        }
         self.stats.tlvs_dropped += u64::from(decoded.errors);
         let nbr = self.neighbour_for(now, iface, src);
         // RFC 9616: the Hello's timestamp in this packet is t3 for the IHUs.
@@ -477,9 +480,10 @@ impl Router {
         }
         self.warm(nbr, &decoded.messages);
         self.cost_cache = None;
-        for m in decoded.messages {
+        for m in decoded.messages.drain(..) {
             self.handle_message(now, nbr, m, packet_ts);
         }
+        self.decoded = decoded;
         self.cost_cache = None;
         self.flush(now);
     }

@@ -198,8 +198,18 @@ struct State {
 /// Decodes a packet. A bad header is an error; a bad TLV is skipped and
 /// counted, and decoding stops at the first TLV that overruns the body.
 pub fn decode(bytes: &[u8]) -> Result<Decoded, WireError> {
-    let (body, _trailer) = tlv::split_packet(bytes)?;
     let mut out = Decoded::default();
+    decode_into(bytes, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode`] into `out`, which is cleared first: a receiver that keeps
+/// one `Decoded` allocates nothing per packet.
+pub fn decode_into(bytes: &[u8], out: &mut Decoded) -> Result<(), WireError> {
+    out.messages.clear();
+    out.errors = 0;
+    out.unknown = 0;
+    let (body, _trailer) = tlv::split_packet(bytes)?;
     let mut st = State::default();
     for raw in TlvIter::new(body) {
         match raw {
@@ -212,7 +222,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, WireError> {
             Err(_) => out.errors += 1,
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 enum Skip {

@@ -379,6 +379,29 @@ proptest! {
         let n = cut.index(bytes.len());
         let _ = decode(&bytes[..n]);
     }
+
+    /// A reused buffer decodes each packet as a fresh one would: nothing
+    /// of the previous packet (messages, counts) is left.
+    #[test]
+    fn decoding_into_a_reused_buffer_is_decoding_afresh(
+        first in proptest::collection::vec(any::<u8>(), 0..300),
+        idx in any::<prop::sample::Index>(),
+        val in any::<u8>(),
+    ) {
+        let mut second = packet(SAMPLE);
+        let i = idx.index(second.len());
+        second[i] = val;
+        let mut buf = Decoded::default();
+        let _ = decode_into(&packet(SAMPLE), &mut buf);
+        let _ = decode_into(&first, &mut buf);
+        match decode(&second) {
+            Ok(fresh) => {
+                prop_assert!(decode_into(&second, &mut buf).is_ok());
+                prop_assert_eq!(buf, fresh);
+            }
+            Err(_) => prop_assert!(decode_into(&second, &mut buf).is_err()),
+        }
+    }
 }
 
 proptest! {
