@@ -497,11 +497,7 @@ impl Router {
     fn warm(&self, nbr: u32, messages: &[Message]) {
         for m in messages {
             let Message::Update { prefix: Some(IpNet::V6(prefix)), src, .. } = m else { continue };
-            let src = match src {
-                None => None,
-                Some(IpNet::V6(s)) => Some(*s),
-                Some(IpNet::V4(_)) => continue,
-            };
+            let Some(src) = v6_src(*src) else { continue };
             if let Some(slot) = self.routes.get(&(*prefix, src))
                 && let Some(e) = slot.position(nbr).and_then(|i| slot.entries.get(i))
             {
@@ -518,14 +514,14 @@ impl Router {
                 break;
             }
             self.timers.pop();
-            self.fire(now, self.epoch + Duration::from_nanos(at), timer);
+            self.fire(now, self.instant(at), timer);
         }
         self.flush(now);
     }
 
     /// When [`Router::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let timer = self.timers.peek().map(|Reverse((at, _, _))| self.epoch + Duration::from_nanos(*at));
+        let timer = self.timers.peek().map(|Reverse((at, _, _))| self.instant(*at));
         match (timer, self.flush_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -819,11 +815,7 @@ impl Router {
                 metric,
                 interval,
             } => {
-                let src = match src {
-                    None => None,
-                    Some(IpNet::V6(s)) => Some(s),
-                    Some(IpNet::V4(_)) => return,
-                };
+                let Some(src) = v6_src(src) else { return };
                 // Our own routes echoed back are not routes (retractions are
                 // about the neighbour's entry whatever router-id they carry).
                 if router_id == self.id && metric != INFINITY {
@@ -842,11 +834,7 @@ impl Router {
                 self.send_full_update(now, iface, Destination::Unicast(from));
             }
             Message::RouteReq(RequestTarget::Prefix { prefix: IpNet::V6(p), src }) => {
-                let src = match src {
-                    Some(IpNet::V6(s)) => Some(s),
-                    Some(IpNet::V4(_)) => return,
-                    None => None,
-                };
+                let Some(src) = v6_src(src) else { return };
                 let key = (p, src);
                 let msg = self.update_message(&key, iface);
                 self.note_sent(now, &key, &msg);
@@ -854,11 +842,7 @@ impl Router {
             }
             Message::RouteReq(_) => {}
             Message::SeqnoReq { prefix: IpNet::V6(p), src, seqno, hop_count, router_id } => {
-                let src = match src {
-                    Some(IpNet::V6(s)) => Some(s),
-                    Some(IpNet::V4(_)) => return,
-                    None => None,
-                };
+                let Some(src) = v6_src(src) else { return };
                 self.handle_seqno_request(now, nbr, (p, src), seqno, hop_count, router_id);
             }
             Message::SeqnoReq { .. } => {}
@@ -1416,6 +1400,11 @@ impl Router {
         u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// The inverse of [`Router::nanos`].
+    fn instant(&self, nanos: u64) -> Instant {
+        self.epoch + Duration::from_nanos(nanos)
+    }
+
     fn fire(&mut self, now: Instant, at: Instant, timer: Timer) {
         match timer {
             Timer::Hello(iface) => {
@@ -1533,6 +1522,16 @@ impl Router {
     fn jitter(&mut self, d: Duration) -> Duration {
         let quarter = d.as_micros() as u64 / 4;
         if quarter == 0 { Duration::ZERO } else { Duration::from_micros(self.next_random() % quarter) }
+    }
+}
+
+/// The source prefix of an IPv6 route's TLV; `None` if it is an IPv4 one
+/// (a mismatch the mesh ignores).
+fn v6_src(src: Option<IpNet>) -> Option<Option<Ipv6Net>> {
+    match src {
+        None => Some(None),
+        Some(IpNet::V6(s)) => Some(Some(s)),
+        Some(IpNet::V4(_)) => None,
     }
 }
 
