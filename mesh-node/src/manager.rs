@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv6Net;
@@ -108,6 +109,19 @@ pub enum Action {
     RequestEndpoints { peer: PeerId },
 }
 
+/// Which peers announce a prefix in Babel. In a real mesh every node does;
+/// a simulation that routes to a sample of its nodes says which, so that
+/// the manager does not take the others for unreachable (see
+/// [`TunnelManager::set_announcing`]).
+#[derive(Clone)]
+pub struct Announcing(pub Arc<dyn Fn(&PeerId) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Announcing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Announcing(..)")
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Tunnel {
     dir: Direction,
@@ -129,6 +143,8 @@ pub struct TunnelManager {
     /// Prefixes Babel routes to: candidates for new tunnels even without a
     /// known endpoint (we then ask the mesh for one).
     distant: BTreeSet<PeerId>,
+    /// `None`: every peer announces its prefix.
+    announcing: Option<Announcing>,
     next_check: Instant,
     next_refresh: Instant,
     last_incoming: Option<Instant>,
@@ -152,12 +168,20 @@ impl TunnelManager {
             failed: BTreeMap::new(),
             tunnels: BTreeMap::new(),
             distant: BTreeSet::new(),
+            announcing: None,
             last_incoming: None,
             started: now,
             last_bootstrap: None,
             bootstrap_backoff: FIRST_BOOTSTRAP_RETRY,
             actions: VecDeque::new(),
         }
+    }
+
+    /// Says which peers announce a prefix (by default all do): exploring
+    /// looks for peers Babel does not route to, which only means something
+    /// for those.
+    pub fn set_announcing(&mut self, announcing: Announcing) {
+        self.announcing = Some(announcing);
     }
 
     /// The parameters in force.
@@ -360,6 +384,7 @@ impl TunnelManager {
             .keys()
             .filter(|p| {
                 !self.distant.contains(p)
+                    && self.announcing.as_ref().is_none_or(|a| (a.0)(p))
                     && !self.tunnels.contains_key(p)
                     && self
                         .failed
@@ -606,6 +631,27 @@ mod tests {
         let acts = drain(&mut m);
         assert!(acts.contains(&Action::Disconnect { peer: first[0], reason: "over the target" }), "{acts:?}");
         assert_eq!(m.tunnels().filter(|(_, d, _)| *d == Direction::Outgoing).count(), 2);
+    }
+
+    #[test]
+    fn peers_that_announce_nothing_are_not_explored() {
+        let now = Instant::now();
+        let cfg = ManagerConfig { client_count: 2, ..Default::default() };
+        let mut m = TunnelManager::new(p(0), cfg, 5, now);
+        m.add_candidates((1..=4).map(|i| (p(i), ep(i))));
+        m.handle_timeout(now);
+        let first = connects(&drain(&mut m));
+        for &peer in &first {
+            m.tunnel_up(now, peer);
+        }
+        // Babel routes only to the two we have tunnels to: the other two
+        // announce nothing, which is no reason to look for them.
+        m.set_distant(first.clone());
+        let routed = first.clone();
+        m.set_announcing(Announcing(Arc::new(move |q: &PeerId| routed.contains(q))));
+        m.handle_timeout(now + Duration::from_secs(5));
+        m.handle_timeout(now + Duration::from_secs(10));
+        assert!(connects(&drain(&mut m)).is_empty());
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub struct NodeConfig {
     pub manager: ManagerConfig,
     /// Seed of the tunnel manager's random choices.
     pub seed: u64,
+    /// Whether the node announces its prefix in Babel (always, in a real
+    /// mesh; a simulation of a very large mesh may route to a sample of
+    /// the nodes only, see netsim's `[nodes] destinations`).
+    pub announce: bool,
 }
 
 impl NodeConfig {
@@ -65,6 +69,7 @@ impl NodeConfig {
             rtt: Some(RttConfig::default()),
             manager: ManagerConfig::default(),
             seed: u64::from_be_bytes(router_id.0),
+            announce: true,
         }
     }
 }
@@ -174,10 +179,13 @@ const DRAIN_COST: u16 = 4096;
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 impl NodeCore {
-    /// A node that announces its own prefix and has no tunnel yet.
+    /// A node that announces its own prefix (unless `cfg.announce` is
+    /// false) and has no tunnel yet.
     pub fn new(cfg: NodeConfig, now: Instant) -> Self {
         let mut router = Router::new(cfg.router_id, cfg.seqno, now);
-        router.announce(now, cfg.prefix, None);
+        if cfg.announce {
+            router.announce(now, cfg.prefix, None);
+        }
         let manager = TunnelManager::new(cfg.prefix, cfg.manager.clone(), cfg.seed, now);
         NodeCore {
             ll: tunnel_link_local(&cfg.prefix),

@@ -17,10 +17,11 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::Ipv6Addr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv6Net;
-use sixmesh_mesh_node::manager::{Action, ManagerConfig};
+use sixmesh_mesh_node::manager::{Action, Announcing, ManagerConfig};
 use sixmesh_mesh_node::node::{NodeConfig, NodeCore, NodeEvent, Output};
 use sixmesh_mesh_node::packet;
 use sixmesh_routing::wire::RouterId;
@@ -37,6 +38,12 @@ pub fn network() -> Ipv6Net {
 pub fn node_prefix(i: NodeId) -> Ipv6Net {
     let n = i as u32;
     Ipv6Net::new(Ipv6Addr::new(0xfd5e, (n >> 16) as u16, n as u16, 0, 0, 0, 0, 0), 64).expect("valid")
+}
+
+/// The node whose /64 `p` is (the inverse of [`node_prefix`]).
+pub fn node_id(p: &Ipv6Net) -> Option<NodeId> {
+    let s = p.network().segments();
+    (p.prefix_len() == 64 && s[0] == 0xfd5e && s[3] == 0).then(|| ((s[1] as usize) << 16) | s[2] as usize)
 }
 
 /// Node `i`'s mesh address (`prefix::1`).
@@ -91,6 +98,14 @@ pub struct MeshConfig {
     /// Upstream bandwidth of each node's access link in bytes per second
     /// (packets queue behind each other). Empty or `None`: unlimited.
     pub uplink: Vec<Option<u64>>,
+    /// Nodes that do not announce their prefix in Babel (they run their
+    /// tunnels and Babel all the same, and route to the others). Empty: all
+    /// announce. Route tables grow as nodes × announced prefixes ×
+    /// tunnels: announcing a sample lets very large meshes fit in memory.
+    pub silent: Vec<bool>,
+    /// How many peers each node starts knowing, drawn at random (like a
+    /// registry's bootstrap list); 0: every other node.
+    pub bootstrap: usize,
     /// Threads to run on (0: one per core, at most one per 100 nodes). The
     /// result is the same whatever the number.
     pub threads: usize,
@@ -109,6 +124,8 @@ impl MeshConfig {
             nat: Vec::new(),
             initially_down: Vec::new(),
             uplink: Vec::new(),
+            silent: Vec::new(),
+            bootstrap: 0,
             threads: 0,
         }
     }
@@ -490,6 +507,8 @@ pub struct MeshSim {
     /// Partition island of each node: paths between islands are down.
     island: Vec<u32>,
     by_prefix: HashMap<Ipv6Net, NodeId>,
+    /// [`MeshConfig::silent`], shared by the nodes' tunnel managers.
+    silent_set: Option<Arc<Vec<bool>>>,
     /// Probes delivered: (from, to, sent at).
     delivered: Vec<(NodeId, NodeId, Instant)>,
     /// Counters of the underlay.
@@ -578,6 +597,7 @@ impl MeshSim {
             overrides: HashMap::new(),
             island: vec![0; n],
             by_prefix: (0..n).map(|i| (node_prefix(i), i)).collect(),
+            silent_set: None,
             delivered: Vec::new(),
             stats: MeshStats::default(),
             rng,
@@ -622,12 +642,31 @@ impl MeshSim {
         cfg.hello_interval = self.cfg.hello_interval;
         cfg.update_interval = self.cfg.update_interval;
         cfg.seed = self.rng.next_u64();
+        cfg.announce = !self.cfg.silent.get(i).copied().unwrap_or(false);
         let mut core = NodeCore::new(cfg, self.now);
-        core.manager().add_candidates(
-            (0..n)
-                .filter(|&j| j != i)
-                .map(|j| (node_prefix(j), vec![std::net::SocketAddr::from(([192, 0, 2, 1], j as u16))])),
-        );
+        if self.cfg.silent.iter().any(|s| *s) {
+            let silent = self.silent_set.get_or_insert_with(|| Arc::new(self.cfg.silent.clone())).clone();
+            core.manager().set_announcing(Announcing(Arc::new(move |p: &Ipv6Net| {
+                node_id(p).is_none_or(|i| !silent.get(i).copied().unwrap_or(false))
+            })));
+        }
+        let endpoint =
+            |j: NodeId| (node_prefix(j), vec![std::net::SocketAddr::from(([192, 0, 2, 1], j as u16))]);
+        if self.cfg.bootstrap == 0 || self.cfg.bootstrap >= n - 1 {
+            core.manager().add_candidates((0..n).filter(|&j| j != i).map(endpoint));
+        } else {
+            // A bootstrap list: distinct random peers, from the node's own
+            // generator (restarts draw another list, as from a registry).
+            let mut rng = Rng::new(self.rng.next_u64());
+            let mut picked = std::collections::BTreeSet::new();
+            while picked.len() < self.cfg.bootstrap {
+                let j = rng.below(n);
+                if j != i {
+                    picked.insert(j);
+                }
+            }
+            core.manager().add_candidates(picked.into_iter().map(endpoint));
+        }
         core
     }
 
@@ -659,6 +698,11 @@ impl MeshSim {
     /// Whether node `i` is behind NAT (accepts no incoming tunnel).
     pub fn is_nat(&self, i: NodeId) -> bool {
         self.cfg.nat.get(i).copied().unwrap_or(false)
+    }
+
+    /// Whether node `i` announces its prefix (see [`MeshConfig::silent`]).
+    pub fn announces(&self, i: NodeId) -> bool {
+        !self.cfg.silent.get(i).copied().unwrap_or(false)
     }
 
     /// Node `i`'s traffic counters.

@@ -317,12 +317,17 @@ h2{{margin-top:1.4em;border-bottom:1px solid #ddd}}.row{{display:flex;flex-wrap:
     );
     let _ = write!(
         o,
-        "<table><tr><th>nodes</th><td>{}</td><th>{}</th><td>{} s</td><th>seed</th><td>{}</td></tr>\
+        "<table><tr><th>nodes</th><td>{}{}</td><th>{}</th><td>{} s</td><th>seed</th><td>{}</td></tr>\
          <tr><th>tunnels at the end</th><td>{} (mean degree {:.1})</td><th>tunnel-graph mean hops</th><td>{:.2} (max {})</td>\
          <th>pairs checked per sample</th><td>{}</td></tr>\
          <tr><th>control B/s/node</th><td>mean {:.0}, p99 {:.0}, max {:.0}</td><th>mean path stretch</th><td>{}</td>\
          <th>forwarding loops seen</th><td>{}</td></tr>{}</table>",
         r.nodes,
+        if r.destinations < r.nodes {
+            format!(" ({} announce a prefix)", r.destinations)
+        } else {
+            String::new()
+        },
         if r.namespaces { "real time (namespaces)" } else { "virtual time" },
         fmt_num(r.duration_s),
         r.seed,

@@ -23,6 +23,9 @@ pub struct Report {
     pub description: String,
     pub seed: u64,
     pub nodes: usize,
+    /// Nodes that announce a prefix: the destinations of the checked pairs
+    /// (all nodes unless the scenario sets `[nodes] destinations`).
+    pub destinations: usize,
     pub duration_s: f64,
     pub sample_interval_s: f64,
     /// Pairs checked at each sample (all ordered pairs, or a seeded subset).
@@ -179,6 +182,11 @@ pub trait Network {
     fn is_alive(&self, i: NodeId) -> bool;
     /// Whether node `i` accepts no incoming tunnel.
     fn is_nat(&self, i: NodeId) -> bool;
+    /// Whether node `i` announces its prefix, i.e. is a destination the
+    /// others route to (all of them unless `[nodes] destinations` is set).
+    fn announces(&self, _i: NodeId) -> bool {
+        true
+    }
     /// Lets the network run until `t` seconds after its start.
     fn run_until(&mut self, t: f64);
     /// The time to give a sample taken now that was due at `t` (the
@@ -226,6 +234,9 @@ impl Network for MeshSim {
     }
     fn is_nat(&self, i: NodeId) -> bool {
         MeshSim::is_nat(self, i)
+    }
+    fn announces(&self, i: NodeId) -> bool {
+        MeshSim::announces(self, i)
     }
     fn run_until(&mut self, t: f64) {
         let now = self.elapsed().as_secs_f64();
@@ -277,6 +288,8 @@ pub(crate) struct Layout {
     pub region_of: Vec<usize>,
     pub nat: Vec<bool>,
     pub joining: Vec<bool>,
+    /// Nodes that do not announce their prefix (`[nodes] destinations`).
+    pub silent: Vec<bool>,
 }
 
 fn hash01(seed: u64, a: usize, b: usize, salt: u64) -> f64 {
@@ -316,14 +329,22 @@ pub(crate) fn layout(s: &Scenario) -> Layout {
     for &i in order.iter().take(s.nodes.joining) {
         joining[i] = true;
     }
+    let mut silent = vec![false; count];
+    if let Some(d) = s.nodes.destinations.filter(|&d| d < count) {
+        shuffle(&mut order, rng);
+        for &i in order.iter().skip(d) {
+            silent[i] = true;
+        }
+    }
     for n in &s.nodes.list {
         names.push(n.name.clone());
         let r = n.region.as_ref().and_then(|r| regions.iter().position(|x| &x.name == r)).unwrap_or(0);
         region_of.push(r);
         nat.push(n.nat);
         joining.push(false);
+        silent.push(false);
     }
-    Layout { names, region_of, nat, joining }
+    Layout { names, region_of, nat, joining, silent }
 }
 
 fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
@@ -377,6 +398,8 @@ pub fn build(s: &Scenario) -> (MeshSim, Vec<String>, Vec<usize>) {
     cfg.nat = l.nat.clone();
     cfg.threads = s.threads;
     cfg.initially_down = l.joining.clone();
+    cfg.silent = l.silent.clone();
+    cfg.bootstrap = s.nodes.bootstrap.unwrap_or(0);
     cfg.uplink =
         l.region_of.iter().map(|&r| regions[r].uplink_kbps.map(|k| (k * 1000.0 / 8.0) as u64)).collect();
     let paths = paths(s, &l.region_of);
@@ -426,14 +449,16 @@ impl<'a, N: Network> Runner<'a, N> {
     fn new(s: &'a Scenario, sim: N, names: Vec<String>, region_of: Vec<usize>) -> Self {
         let mut rng = Rng::new(s.seed ^ 0xe7e7);
         let n = sim.len();
-        let all = n * (n - 1);
+        // Pairs go to nodes that announce a prefix (all, by default).
+        let dests: Vec<NodeId> = (0..n).filter(|&i| sim.announces(i)).collect();
+        let all = n * dests.len() - dests.len();
         let pairs = if all <= s.sample_pairs {
-            (0..n).flat_map(|a| (0..n).filter(move |&b| b != a).map(move |b| (a, b))).collect()
+            (0..n).flat_map(|a| dests.iter().filter(move |&&b| b != a).map(move |&b| (a, b))).collect()
         } else {
             let mut seen = HashSet::new();
             while seen.len() < s.sample_pairs {
                 let a = rng.below(n);
-                let b = rng.below(n);
+                let b = dests[rng.below(dests.len())];
                 if a != b {
                     seen.insert((a, b));
                 }
@@ -762,6 +787,7 @@ impl<'a, N: Network> Runner<'a, N> {
             description: self.s.description.clone(),
             seed: self.s.seed,
             nodes: n,
+            destinations: (0..n).filter(|&i| self.sim.announces(i)).count(),
             duration_s: dur,
             sample_interval_s: self.s.sample_interval_s,
             sampled_pairs: self.pairs.len(),
@@ -797,7 +823,7 @@ impl<'a, N: Network> Runner<'a, N> {
         for &a in pool.iter().take(sources) {
             let dist = self.sim.underlay_distances(a);
             for &b in running {
-                if b != a {
+                if b != a && self.sim.announces(b) {
                     pairs.push((a, b));
                     shortest.push(dist[b]);
                 }

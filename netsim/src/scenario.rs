@@ -117,6 +117,20 @@ pub struct Nodes {
     /// start them (chosen at random, never among the listed nodes).
     #[serde(default)]
     pub joining: usize,
+    /// How many of the counted nodes announce their prefix in Babel, chosen
+    /// at random (default: all; named nodes always do). The others run
+    /// their tunnels and Babel all the same and route to the announced
+    /// prefixes; reachability, loops and stretch are checked towards those.
+    /// Route tables grow as nodes × announced prefixes × tunnels, so this
+    /// is what lets a mesh of 10,000 nodes fit in memory. Simulator only.
+    #[serde(default)]
+    pub destinations: Option<usize>,
+    /// How many peers each node starts knowing, drawn at random like a
+    /// registry's bootstrap list (default: every other node; the tunnel
+    /// manager keeps at most `manager.max_candidates` of them and learns
+    /// others from Babel's routes). Simulator only.
+    #[serde(default)]
+    pub bootstrap: Option<usize>,
     /// Named nodes.
     #[serde(default)]
     pub list: Vec<NodeSpec>,
@@ -381,6 +395,14 @@ impl Scenario {
         if self.nodes.joining > self.nodes.count {
             return Err(invalid("`nodes.joining` cannot exceed `nodes.count`"));
         }
+        if self.nodes.destinations == Some(0) && self.nodes.list.is_empty() {
+            return Err(invalid(
+                "`nodes.destinations` must be at least 1: some node has to announce a prefix",
+            ));
+        }
+        if self.nodes.bootstrap == Some(0) {
+            return Err(invalid("`nodes.bootstrap` must be at least 1 (leave it out for every node)"));
+        }
         if !(fin(self.babel.hello_interval_s) && self.babel.hello_interval_s >= 0.05) {
             return Err(invalid("`babel.hello_interval_s` must be at least 0.05"));
         }
@@ -568,6 +590,24 @@ mod tests {
         assert_eq!(s.regions().len(), 1);
         assert_eq!(s.latency("default", "default"), Some(Duration::from_millis(20)));
         assert_eq!(s.manager, ManagerConfig::default());
+    }
+
+    #[test]
+    fn sampled_destinations_and_bootstrap_are_checked() {
+        let base = "duration_s = 10\n[nodes]\ncount = 5\n";
+        let e = Scenario::parse(&format!("{base}destinations = 0\n"), "t.toml").unwrap_err();
+        assert!(e.to_string().contains("destinations"), "{e}");
+        let e = Scenario::parse(&format!("{base}bootstrap = 0\n"), "t.toml").unwrap_err();
+        assert!(e.to_string().contains("bootstrap"), "{e}");
+        let s = Scenario::parse(&format!("{base}destinations = 2\nbootstrap = 3\n"), "t.toml").unwrap();
+        assert_eq!((s.nodes.destinations, s.nodes.bootstrap), (Some(2), Some(3)));
+        // Refused in namespaces (before the root check), whatever the user.
+        let e = crate::ns::scenario::check(&s).unwrap_err();
+        assert!(e.to_string().contains("destinations") && e.to_string().contains("simulator"), "{e}");
+        let mut t = s.clone();
+        t.nodes.destinations = None;
+        let e = crate::ns::scenario::check(&t).unwrap_err();
+        assert!(e.to_string().contains("bootstrap"), "{e}");
     }
 
     #[test]

@@ -37,7 +37,14 @@ fn shipped_scenarios_parse_and_all_have_assertions() {
     names.sort();
     assert_eq!(
         names,
-        ["churn.toml", "europe-china.toml", "namespaces.toml", "partition-heal.toml", "thousand.toml"]
+        [
+            "churn.toml",
+            "europe-china.toml",
+            "namespaces.toml",
+            "partition-heal.toml",
+            "ten-thousand.toml",
+            "thousand.toml"
+        ]
     );
     for n in names {
         let s = shipped(&n);
@@ -71,6 +78,61 @@ fn namespaces_scenario_holds_in_the_simulator_too() {
 #[test]
 fn thousand_scenario_holds_scaled_down() {
     run_shipped("thousand.toml", 30, 130.0, 1);
+}
+
+/// The 10,000-node scenario at CI size, its sampled destinations and
+/// bootstrap lists scaled down with it (at 120 nodes, its own 500 and 200
+/// would be every node).
+#[test]
+fn ten_thousand_scenario_holds_scaled_down() {
+    let mut s = shipped("ten-thousand.toml").scaled(120, 110.0);
+    assert_eq!((s.nodes.destinations, s.nodes.bootstrap), (Some(500), Some(200)));
+    s.nodes.destinations = Some(12);
+    s.nodes.bootstrap = Some(30);
+    let r = run(&s, |_| {});
+    let failed: Vec<String> =
+        r.assertions.iter().filter(|a| !a.passed).map(|a| format!("{}: {}", a.name, a.detail)).collect();
+    assert!(r.passed, "{failed:?}");
+    assert_eq!((r.nodes, r.destinations), (120, 12));
+    assert_eq!(r.events.len(), 4, "start, cut, crash, restore: {:?}", r.events);
+    assert!(r.stretch.is_some_and(|st| st.count > 0));
+}
+
+/// Nodes that announce no prefix: nobody has a route to them, everybody
+/// has one to the others, and the tunnel managers do not keep opening
+/// tunnels to them to find out why Babel does not route there (they did:
+/// a fifth more tunnels and twice the control traffic).
+#[test]
+fn silent_nodes_get_no_routes_and_no_exploring_tunnels() {
+    let text = "name = \"silent\"\nduration_s = 60\n[nodes]\ncount = 40\ndestinations = 5\nbootstrap = 12\n\
+                [manager]\nclient_count = 3\nmax_clients = 6\n[[event]]\nat_s = 30\ndo = \"cut_tunnel\"\n\
+                [assert]\nreachable_within_s = 10\nno_loops = true\n";
+    let s = Scenario::parse(text, "silent").unwrap();
+    let (mut sim, _, _) = build(&s);
+    let dests: Vec<usize> = (0..sim.len()).filter(|&i| sim.announces(i)).collect();
+    assert_eq!(dests.len(), 5);
+    // Long enough for many manager checks (every 5 s), each of which
+    // explored before.
+    sim.run_for(Duration::from_secs(60));
+    for i in 0..sim.len() {
+        let routed: Vec<usize> = sim
+            .node(i)
+            .router()
+            .routes()
+            .iter()
+            .filter(|r| r.selected && r.next_hop.is_some())
+            .map(|r| sixmesh_netsim::mesh::node_id(&r.prefix).unwrap())
+            .collect();
+        let mut want: Vec<usize> = dests.iter().copied().filter(|&d| d != i).collect();
+        let mut got = routed.clone();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "node {i} routes to {routed:?}");
+    }
+    let edges = sim.tunnel_graph();
+    assert!(edges.len() <= 40 * 3, "{} tunnels: more than the 3 outgoing each", edges.len());
+    let r = run(&s, |_| {});
+    assert!(r.passed, "{:?}", r.assertions);
 }
 
 const SMALL: &str = r#"

@@ -45,6 +45,12 @@ pub enum NsScenarioError {
          with sudo, or drop --namespaces to use the in-process simulator"
     )]
     NotRoot,
+    #[error(
+        "`[nodes] {0}` is a simulator option: real nodes all announce their prefix and learn their \
+         peers from the registry. Remove it (or scale the scenario down with --nodes until it has no \
+         effect) to run in namespaces"
+    )]
+    SimulatorOnly(&'static str),
 }
 
 /// Whether `s` can run in namespaces here (size, root).
@@ -52,6 +58,12 @@ pub fn check(s: &Scenario) -> Result<(), NsScenarioError> {
     let n = s.node_count();
     if n > MAX_NODES {
         return Err(NsScenarioError::TooLarge(n));
+    }
+    if s.nodes.destinations.is_some_and(|d| d < s.nodes.count) {
+        return Err(NsScenarioError::SimulatorOnly("destinations"));
+    }
+    if s.nodes.bootstrap.is_some_and(|b| b + 1 < n) {
+        return Err(NsScenarioError::SimulatorOnly("bootstrap"));
     }
     if !nix::unistd::geteuid().is_root() {
         return Err(NsScenarioError::NotRoot);

@@ -215,6 +215,9 @@ struct Iface {
     hellos_sent: u16,
     /// When we last asked the whole link for its routes.
     requested: Instant,
+    /// The neighbours heard on this interface (one on a tunnel): every
+    /// Hello we send carries an IHU for each.
+    nbrs: Vec<u32>,
 }
 
 /// A full update's messages, kept to be sent again on the other interfaces
@@ -248,6 +251,9 @@ struct Pending {
     timeout: Duration,
 }
 
+/// Messages waiting to be sent to a destination on an interface.
+type Outgoing = ((IfaceId, Destination), Vec<Message>);
+
 /// The router. See the module documentation.
 #[derive(Debug)]
 pub struct Router {
@@ -280,7 +286,10 @@ pub struct Router {
     /// routes), and the source-specific ones, for [`Router::advertises`].
     plain_lens: BTreeMap<u8, u32>,
     specific: BTreeSet<RouteKey>,
-    out: BTreeMap<(IfaceId, Destination), Vec<Message>>,
+    /// Messages waiting for [`Router::flush`], by interface and
+    /// destination (a few at a time: a vector, kept for its allocation,
+    /// sorted when flushed so that datagrams go out in a fixed order).
+    out: Vec<Outgoing>,
     /// The messages of the packet being handled (kept for its allocation).
     decoded: wire::Decoded,
     /// No route entry expires before this (a lower bound: refreshed entries
@@ -327,7 +336,7 @@ impl Router {
             cost_cache: None,
             plain_lens: BTreeMap::new(),
             specific: BTreeSet::new(),
-            out: BTreeMap::new(),
+            out: Vec::new(),
             decoded: wire::Decoded::default(),
             min_expiry: Ticks::MAX,
             generation: 0,
@@ -367,7 +376,10 @@ impl Router {
             self.remove_interface(now, iface);
         }
         let seqno = (self.next_random() & 0xffff) as u16;
-        self.ifaces.insert(iface, Iface { cfg, hello_seqno: seqno, hellos_sent: 0, requested: now });
+        self.ifaces.insert(
+            iface,
+            Iface { cfg, hello_seqno: seqno, hellos_sent: 0, requested: now, nbrs: Vec::new() },
+        );
         self.update_min_hello();
         self.send_hello(now, iface);
         self.queue(iface, Destination::Multicast, Message::RouteReq(RequestTarget::All));
@@ -411,7 +423,7 @@ impl Router {
         for id in gone {
             self.drop_neighbour(now, id);
         }
-        self.out.retain(|(i, _), _| *i != iface);
+        self.out.retain(|((i, _), _)| *i != iface);
         self.flush(now);
     }
 
@@ -610,6 +622,9 @@ impl Router {
         self.next_nbr = self.next_nbr.wrapping_add(1);
         self.neighbours.insert(id, Neighbour::new(iface, addr, now));
         self.by_addr.insert((iface, addr), id);
+        if let Some(i) = self.ifaces.get_mut(&iface) {
+            i.nbrs.push(id);
+        }
         tracing::debug!(iface, %addr, "new Babel neighbour");
         // Ask the newcomer for its routes, unless we just asked the whole
         // link (a tunnel's one neighbour appears right after the interface:
@@ -683,6 +698,9 @@ impl Router {
     fn drop_neighbour(&mut self, now: Instant, id: u32) {
         let Some(n) = self.neighbours.remove(&id) else { return };
         self.by_addr.remove(&(n.iface, n.addr));
+        if let Some(i) = self.ifaces.get_mut(&n.iface) {
+            i.nbrs.retain(|x| *x != id);
+        }
         if n.was_up {
             self.events.push_back(Event::NeighbourDown { iface: n.iface, addr: n.addr });
         }
@@ -1249,7 +1267,7 @@ impl Router {
         {
             // Nothing it carries changed, and its sources were noted with
             // these very values: only sending is left.
-            self.out.entry((iface, dst)).or_default().extend(f.msgs.iter().cloned());
+            out_entry(&mut self.out, iface, dst).extend(f.msgs.iter().cloned());
             return;
         }
         // What `send_updates` would send for our prefixes and then every
@@ -1275,7 +1293,7 @@ impl Router {
             self.note_sent(now, key, msg);
         }
         let msgs: Vec<Message> = msgs.into_iter().map(|(_, m)| m).collect();
-        self.out.entry((iface, dst)).or_default().extend(msgs.iter().cloned());
+        out_entry(&mut self.out, iface, dst).extend(msgs.iter().cloned());
         self.full_update = Some(FullUpdate { generation: self.generation, interval, noted: now, msgs });
     }
 
@@ -1287,7 +1305,7 @@ impl Router {
             self.note_sent(now, key, &msg);
             msgs.push(msg);
         }
-        self.out.entry((iface, dst)).or_default().extend(msgs);
+        out_entry(&mut self.out, iface, dst).extend(msgs);
     }
 
     fn send_hello(&mut self, now: Instant, iface: IfaceId) {
@@ -1295,7 +1313,8 @@ impl Router {
         let Some(i) = self.ifaces.get_mut(&iface) else { return };
         i.hello_seqno = i.hello_seqno.wrapping_add(1);
         i.hellos_sent = i.hellos_sent.wrapping_add(1);
-        let cfg = i.cfg.clone();
+        let i = &self.ifaces[&iface];
+        let cfg = &i.cfg;
         let with_ihu = i.hellos_sent % cfg.ihu_every() == 1 % cfg.ihu_every();
         let hello = Message::Hello {
             unicast: false,
@@ -1303,27 +1322,25 @@ impl Router {
             interval: centis(cfg.hello_interval),
             timestamp: cfg.rtt.map(|_| ts),
         };
-        self.queue(iface, Destination::Multicast, hello);
+        let mut ihus = Vec::new();
         if with_ihu {
             let ihu_interval = centis(cfg.hello_interval * u32::from(cfg.ihu_every()));
-            let mut ihus: Vec<_> = self
-                .neighbours
-                .values()
-                .filter(|n| n.iface == iface)
-                .map(|n| Message::Ihu {
-                    rxcost: n.rxcost(&cfg),
-                    interval: ihu_interval,
-                    addr: Some(IpAddr::V6(n.addr)),
-                    timestamps: cfg.rtt.and(n.last_hello_ts),
-                })
-                .collect();
+            // The interface's own list: scanning every neighbour for it cost
+            // a cache miss per neighbour on each of twenty tunnels' Hellos.
+            ihus.extend(i.nbrs.iter().filter_map(|id| self.neighbours.get(id)).map(|n| Message::Ihu {
+                rxcost: n.rxcost(cfg),
+                interval: ihu_interval,
+                addr: Some(IpAddr::V6(n.addr)),
+                timestamps: cfg.rtt.and(n.last_hello_ts),
+            }));
             ihus.sort_by_key(|m| match m {
                 Message::Ihu { addr, .. } => *addr,
                 _ => None,
             });
-            for m in ihus {
-                self.queue(iface, Destination::Multicast, m);
-            }
+        }
+        self.queue(iface, Destination::Multicast, hello);
+        for m in ihus {
+            self.queue(iface, Destination::Multicast, m);
         }
     }
 
@@ -1352,7 +1369,7 @@ impl Router {
     }
 
     fn queue(&mut self, iface: IfaceId, dst: Destination, m: Message) {
-        self.out.entry((iface, dst)).or_default().push(m);
+        out_entry(&mut self.out, iface, dst).push(m);
     }
 
     /// Turns queued messages, and triggered updates once due, into datagrams.
@@ -1372,8 +1389,9 @@ impl Router {
                 }
             }
         }
-        let out = std::mem::take(&mut self.out);
-        for ((iface, dst), msgs) in out {
+        let mut out = std::mem::take(&mut self.out);
+        out.sort_unstable_by_key(|(k, _)| *k);
+        for ((iface, dst), msgs) in out.drain(..) {
             let Some(i) = self.ifaces.get(&iface) else { continue };
             let mut b = PacketBuilder::new(i.cfg.mtu);
             for m in &msgs {
@@ -1385,6 +1403,8 @@ impl Router {
                 self.transmits.push_back(Transmit { iface, dst, payload });
             }
         }
+        // Nothing was queued meanwhile: keep the allocation.
+        self.out = out;
     }
 
     // ------------------------------------------------------------ timers
@@ -1527,6 +1547,18 @@ impl Router {
 
 /// The source prefix of an IPv6 route's TLV; `None` if it is an IPv4 one
 /// (a mismatch the mesh ignores).
+/// The messages waiting in `out` for `(iface, dst)`.
+fn out_entry(out: &mut Vec<Outgoing>, iface: IfaceId, dst: Destination) -> &mut Vec<Message> {
+    let at = match out.iter().position(|(k, _)| *k == (iface, dst)) {
+        Some(at) => at,
+        None => {
+            out.push(((iface, dst), Vec::new()));
+            out.len() - 1
+        }
+    };
+    &mut out[at].1
+}
+
 fn v6_src(src: Option<IpNet>) -> Option<Option<Ipv6Net>> {
     match src {
         None => Some(None),
