@@ -24,6 +24,7 @@ use ipnet::Ipv6Net;
 use sixmesh_mesh_node::manager::{Action, Announcing, ManagerConfig};
 use sixmesh_mesh_node::node::{NodeConfig, NodeCore, NodeEvent, Output};
 use sixmesh_mesh_node::packet;
+use sixmesh_routing::core::FxMap;
 use sixmesh_routing::wire::RouterId;
 
 use crate::babel::NodeId;
@@ -44,6 +45,11 @@ pub fn node_prefix(i: NodeId) -> Ipv6Net {
 pub fn node_id(p: &Ipv6Net) -> Option<NodeId> {
     let s = p.network().segments();
     (p.prefix_len() == 64 && s[0] == 0xfd5e && s[3] == 0).then(|| ((s[1] as usize) << 16) | s[2] as usize)
+}
+
+/// The node of a mesh of `n` whose /64 `p` is.
+fn node_in(p: &Ipv6Net, n: usize) -> Option<NodeId> {
+    node_id(p).filter(|&i| i < n)
 }
 
 /// Node `i`'s mesh address (`prefix::1`).
@@ -209,6 +215,10 @@ struct Node {
     /// Events the node has sent: with its id, the tie-break between
     /// events due at the same nanosecond.
     sent: u64,
+    /// The underlay paths to the peers it has exchanged packets with (the
+    /// path function hashes and converts on every call: three calls per
+    /// packet were a few per cent of a Hello's cost).
+    paths: FxMap<NodeId, PathParams>,
 }
 
 /// A share of the nodes (a contiguous range) and their pending events,
@@ -270,7 +280,6 @@ struct Ctx<'a> {
     island: &'a [u32],
     overrides: &'a HashMap<(NodeId, NodeId), bool>,
     paths: &'a (dyn Fn(NodeId, NodeId) -> PathParams + Send + Sync),
-    by_prefix: &'a HashMap<Ipv6Net, NodeId>,
     /// Nodes per part (the last part may have fewer).
     chunk: usize,
 }
@@ -299,6 +308,29 @@ impl Ctx<'_> {
         self.alive[a] && self.alive[b] && self.link_up(a, b)
     }
 
+    /// The path between `node` (number `me`) and `peer`, from the node's
+    /// cache.
+    fn cached_path(&self, node: &mut Node, me: NodeId, peer: NodeId) -> PathParams {
+        *node.paths.entry(peer).or_insert_with(|| self.path(me, peer))
+    }
+
+    /// [`Ctx::path_up`] for a path whose parameters say `broken`.
+    fn up_with(&self, a: NodeId, b: NodeId, broken: bool) -> bool {
+        if !(self.alive[a] && self.alive[b]) {
+            return false;
+        }
+        if a == b {
+            return true;
+        }
+        if self.island[a] != self.island[b] {
+            return false;
+        }
+        match self.overrides.get(&pair(a, b)) {
+            Some(up) => *up,
+            None => !broken,
+        }
+    }
+
     fn is_nat(&self, i: NodeId) -> bool {
         self.cfg.nat.get(i).copied().unwrap_or(false)
     }
@@ -318,10 +350,10 @@ impl Ctx<'_> {
     /// When a packet of `bytes` sent at `now` by `i` to `j` arrives, or
     /// `None` if the underlay loses it.
     fn transit(&self, node: &mut Node, i: NodeId, j: NodeId, bytes: u64, now: Instant) -> Option<Instant> {
-        if !self.path_up(i, j) {
+        let p = self.cached_path(node, i, j);
+        if !self.up_with(i, j, p.broken) {
             return None;
         }
-        let p = self.path(i, j);
         if p.loss > 0.0 && node.rng.next_f64() < p.loss {
             return None;
         }
@@ -347,7 +379,7 @@ impl Ctx<'_> {
         while let Some(o) = node.core.poll_output() {
             match o {
                 Output::ToTunnel { peer, packet } => {
-                    let Some(&j) = self.by_prefix.get(&peer) else { continue };
+                    let Some(j) = node_in(&peer, self.alive.len()) else { continue };
                     part.stats.packets += 1;
                     part.stats.bytes += packet.len() as u64;
                     let wire = packet.len() as u64 + WIRE_OVERHEAD;
@@ -377,7 +409,7 @@ impl Ctx<'_> {
         while let Some(e) = node.core.poll_event() {
             match e {
                 NodeEvent::Manager(Action::Connect { peer, .. }) => {
-                    let Some(&j) = self.by_prefix.get(&peer) else { continue };
+                    let Some(j) = node_in(&peer, self.alive.len()) else { continue };
                     node.traffic.control_tx_bytes += HANDSHAKE_BYTES.0;
                     node.traffic.control_tx_packets += 1;
                     if let Some(at) = self.transit(node, i, j, HANDSHAKE_BYTES.0, now) {
@@ -401,11 +433,12 @@ impl Ctx<'_> {
     fn deliver(&self, nodes: &mut [Node], lo: usize, me: usize, part: &mut Part, ev: Ev, now: Instant) {
         match ev {
             Ev::Packet { from, to, packet } => {
-                if !self.path_up(from, to) {
+                let node = &mut nodes[to - lo];
+                let p = self.cached_path(node, to, from);
+                if !self.up_with(from, to, p.broken) {
                     part.stats.lost += 1;
                     return;
                 }
-                let node = &mut nodes[to - lo];
                 if is_control(&packet) {
                     node.traffic.control_rx_bytes += packet.len() as u64 + WIRE_OVERHEAD;
                 }
@@ -506,7 +539,6 @@ pub struct MeshSim {
     overrides: HashMap<(NodeId, NodeId), bool>,
     /// Partition island of each node: paths between islands are down.
     island: Vec<u32>,
-    by_prefix: HashMap<Ipv6Net, NodeId>,
     /// [`MeshConfig::silent`], shared by the nodes' tunnel managers.
     silent_set: Option<Arc<Vec<bool>>>,
     /// Probes delivered: (from, to, sent at).
@@ -531,7 +563,6 @@ macro_rules! ctx {
             island: &$s.island,
             overrides: &$s.overrides,
             paths: &*$s.paths,
-            by_prefix: &$s.by_prefix,
             chunk: $s.chunk,
         }
     };
@@ -596,7 +627,6 @@ impl MeshSim {
             paths: Box::new(paths),
             overrides: HashMap::new(),
             island: vec![0; n],
-            by_prefix: (0..n).map(|i| (node_prefix(i), i)).collect(),
             silent_set: None,
             delivered: Vec::new(),
             stats: MeshStats::default(),
@@ -614,6 +644,7 @@ impl MeshSim {
                 seqno,
                 rng,
                 sent: 0,
+                paths: FxMap::default(),
             });
         }
         for i in 0..n {
@@ -787,7 +818,7 @@ impl MeshSim {
         let now = self.now;
         let peers: Vec<Ipv6Net> = self.nodes[i].core.manager().tunnels().map(|(p, _, _)| p).collect();
         for p in peers {
-            if let Some(&j) = self.by_prefix.get(&p)
+            if let Some(j) = node_in(&p, self.nodes.len())
                 && self.alive[j]
                 && self.nodes[j].core.manager().tunnels().any(|(q, _, _)| q == node_prefix(i))
             {
@@ -928,7 +959,7 @@ impl MeshSim {
         let mut latency = Duration::ZERO;
         while cur != b {
             let Some(peer) = self.nodes[cur].core.route(dst) else { return Walk::NoRoute { at: cur } };
-            let Some(&next) = self.by_prefix.get(&peer) else { return Walk::NoRoute { at: cur } };
+            let Some(next) = node_in(&peer, self.nodes.len()) else { return Walk::NoRoute { at: cur } };
             if !self.path_up(cur, next) {
                 return Walk::PathDown { at: cur, next };
             }
@@ -976,7 +1007,7 @@ impl MeshSim {
             let peers: Vec<Ipv6Net> =
                 self.nodes[i].core.manager().tunnels().filter(|(_, _, up)| *up).map(|(p, _, _)| p).collect();
             for p in peers {
-                if let Some(&j) = self.by_prefix.get(&p)
+                if let Some(j) = node_in(&p, self.nodes.len())
                     && self.alive[j]
                 {
                     edges.insert(pair(i, j));

@@ -541,8 +541,59 @@ impl PacketBuilder {
                 metric,
                 interval,
             } => self.push_plain_update(p, *router_id, *seqno, *metric, *interval),
+            Message::Hello { unicast, seqno, interval, timestamp } => {
+                let len = 8 + if timestamp.is_some() { 6 } else { 0 };
+                let out = self.room_for(len);
+                out.extend([tlv::ty::HELLO, (len - 2) as u8]);
+                let flags = if *unicast { HELLO_UNICAST } else { 0 };
+                for v in [flags, *seqno, *interval] {
+                    out.extend(v.to_be_bytes());
+                }
+                if let Some(t) = timestamp {
+                    out.extend([sub::TIMESTAMP, 4]);
+                    out.extend(t.to_be_bytes());
+                }
+            }
+            Message::Ihu { rxcost, interval, addr, timestamps } => {
+                let (ae, n) = match addr {
+                    None => (0, 0),
+                    Some(IpAddr::V4(_)) => (1, 4),
+                    Some(IpAddr::V6(a)) if a.segments()[..4] == [0xfe80, 0, 0, 0] => (3, 8),
+                    Some(IpAddr::V6(_)) => (2, 16),
+                };
+                let len = 8 + n + if timestamps.is_some() { 10 } else { 0 };
+                let out = self.room_for(len);
+                out.extend([tlv::ty::IHU, (len - 2) as u8, ae, 0]);
+                out.extend(rxcost.to_be_bytes());
+                out.extend(interval.to_be_bytes());
+                match addr {
+                    None => {}
+                    Some(IpAddr::V4(a)) => out.extend(a.octets()),
+                    Some(IpAddr::V6(a)) => out.extend(&a.octets()[16 - n..]),
+                }
+                if let Some((o, r)) = timestamps {
+                    out.extend([sub::TIMESTAMP, 8]);
+                    out.extend(o.to_be_bytes());
+                    out.extend(r.to_be_bytes());
+                }
+            }
             _ => self.push_generic(m),
         }
+    }
+
+    /// The packet to write a TLV of `len` bytes into that needs neither a
+    /// Router-Id nor a Next Hop (a Hello, an IHU), started or flushed as
+    /// [`PacketBuilder::push_generic`] would. Hellos and IHUs go out on every
+    /// tunnel twice a second: written straight in, they allocate nothing.
+    fn room_for(&mut self, len: usize) -> &mut Vec<u8> {
+        if !self.current.is_empty() && self.current.len() + len > self.mtu {
+            self.flush_current();
+        }
+        if self.current.is_empty() {
+            self.current.reserve(64);
+            self.current.extend([tlv::MAGIC, tlv::VERSION, 0, 0]);
+        }
+        &mut self.current
     }
 
     /// The common update (IPv6, not source-specific, next hop = sender),

@@ -429,3 +429,46 @@ proptest! {
         prop_assert_eq!(fast.finish(), slow.finish());
     }
 }
+
+proptest! {
+    /// Hellos and IHUs, written straight into the packet, are the bytes the
+    /// generic path writes, whatever the IHU's address (none, IPv4,
+    /// link-local, global) and mixed with updates that need a Router-Id.
+    #[test]
+    fn hello_and_ihu_fast_paths_match_the_generic_encoder(
+        msgs in proptest::collection::vec(
+            prop_oneof![
+                (any::<bool>(), any::<u16>(), any::<u16>(), any::<Option<u32>>()).prop_map(
+                    |(unicast, seqno, interval, timestamp)| Message::Hello { unicast, seqno, interval, timestamp }
+                ),
+                (
+                    any::<u16>(),
+                    any::<u16>(),
+                    proptest::option::of(prop_oneof![
+                        arb_ll(),
+                        any::<[u8; 4]>().prop_map(|b| IpAddr::V4(b.into())),
+                        any::<[u8; 16]>().prop_map(|b| IpAddr::V6(b.into())),
+                    ]),
+                    any::<Option<(u32, u32)>>(),
+                )
+                    .prop_map(|(rxcost, interval, addr, timestamps)| Message::Ihu {
+                        rxcost,
+                        interval,
+                        addr,
+                        timestamps
+                    }),
+                arb_message(),
+            ],
+            1..60,
+        ),
+        mtu in 128usize..400,
+    ) {
+        let mut fast = PacketBuilder::new(mtu);
+        let mut slow = PacketBuilder::new(mtu);
+        for m in &msgs {
+            fast.push(m);
+            slow.push_generic(m);
+        }
+        prop_assert_eq!(fast.finish(), slow.finish());
+    }
+}
