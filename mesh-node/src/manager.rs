@@ -597,9 +597,9 @@ mod tests {
         assert_eq!(connects(&drain(&mut m)).len(), 2, "retried 30 s after failing, for want of anyone else");
     }
 
-    #[test]
-    fn at_the_target_one_extra_tunnel_explores_peers_babel_does_not_reach() {
-        let now = Instant::now();
+    /// A manager that keeps 2 tunnels, knows 4 peers and has tunnels up
+    /// to the 2 it picked (returned).
+    fn two_tunnels_up_of_four(now: Instant) -> (TunnelManager, Vec<PeerId>) {
         let cfg = ManagerConfig { client_count: 2, ..Default::default() };
         let mut m = TunnelManager::new(p(0), cfg, 5, now);
         m.add_candidates((1..=4).map(|i| (p(i), ep(i))));
@@ -608,6 +608,13 @@ mod tests {
         for &peer in &first {
             m.tunnel_up(now, peer);
         }
+        (m, first)
+    }
+
+    #[test]
+    fn at_the_target_one_extra_tunnel_explores_peers_babel_does_not_reach() {
+        let now = Instant::now();
+        let (mut m, first) = two_tunnels_up_of_four(now);
         // Babel routes to everyone: nothing to explore.
         m.set_distant((1..=4).map(p));
         m.handle_timeout(now + Duration::from_secs(5));
@@ -636,14 +643,7 @@ mod tests {
     #[test]
     fn peers_that_announce_nothing_are_not_explored() {
         let now = Instant::now();
-        let cfg = ManagerConfig { client_count: 2, ..Default::default() };
-        let mut m = TunnelManager::new(p(0), cfg, 5, now);
-        m.add_candidates((1..=4).map(|i| (p(i), ep(i))));
-        m.handle_timeout(now);
-        let first = connects(&drain(&mut m));
-        for &peer in &first {
-            m.tunnel_up(now, peer);
-        }
+        let (mut m, first) = two_tunnels_up_of_four(now);
         // Babel routes only to the two we have tunnels to: the other two
         // announce nothing, which is no reason to look for them.
         m.set_distant(first.clone());
