@@ -18,7 +18,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use self::tlv::{RawSubTlv, RawTlv, TlvIter, sub};
+use self::tlv::{Frames, RawSubTlv, RawTlv, Subs, TlvRef, sub};
 
 /// Metric value meaning "unreachable" (a retraction when sent).
 pub const INFINITY: u16 = 0xFFFF;
@@ -211,9 +211,14 @@ pub fn decode_into(bytes: &[u8], out: &mut Decoded) -> Result<(), WireError> {
     out.unknown = 0;
     let (body, _trailer) = tlv::split_packet(bytes)?;
     let mut st = State::default();
-    for raw in TlvIter::new(body) {
-        match raw {
-            Ok(raw) => match apply(&mut st, raw) {
+    // Straight from the packet's bytes (no raw TLVs built: that allocated
+    // for every update's prefix).
+    for frame in Frames::new(body) {
+        let tlv = frame
+            .and_then(|(t, b)| if t == sub::PAD1 { Ok(None) } else { tlv::parse_tlv_ref(t, b).map(Some) });
+        match tlv {
+            Ok(None) => {}
+            Ok(Some(tlv)) => match apply(&mut st, tlv) {
                 Ok(Some(m)) => out.messages.push(m),
                 Ok(None) => {}
                 Err(Skip::Unknown) => out.unknown += 1,
@@ -241,13 +246,13 @@ impl From<WireError> for Skip {
 /// The bodies of the Timestamp and Source Prefix sub-TLVs of a TLV.
 type KnownSubs<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
 
-fn known_subs(subs: &[RawSubTlv], allow_src: bool) -> Result<KnownSubs<'_>, Skip> {
+fn known_subs(subs: Subs<'_>, allow_src: bool) -> Result<KnownSubs<'_>, Skip> {
     let (mut ts, mut src) = (None, None);
-    for s in subs {
-        match s {
-            RawSubTlv::Other { ty: sub::TIMESTAMP, body } => ts = Some(&body[..]),
-            RawSubTlv::Other { ty: sub::SOURCE_PREFIX, body } if allow_src => src = Some(&body[..]),
-            s if s.is_mandatory() => return Err(Skip::Error),
+    for (t, body) in subs.iter() {
+        match t {
+            sub::TIMESTAMP => ts = Some(body),
+            sub::SOURCE_PREFIX if allow_src => src = Some(body),
+            t if t >= sub::MANDATORY => return Err(Skip::Error),
             _ => {}
         }
     }
@@ -321,28 +326,28 @@ fn make_addr(ae: u8, b: &[u8]) -> Option<IpAddr> {
     }
 }
 
-fn apply(st: &mut State, raw: RawTlv) -> Result<Option<Message>, Skip> {
-    Ok(Some(match raw {
-        RawTlv::Pad1 | RawTlv::PadN(_) => return Ok(None),
-        RawTlv::Unknown { .. } => return Err(Skip::Unknown),
-        RawTlv::AckReq { opaque, interval, subs, .. } => {
-            known_subs(&subs, false)?;
+fn apply(st: &mut State, tlv: TlvRef<'_>) -> Result<Option<Message>, Skip> {
+    Ok(Some(match tlv {
+        TlvRef::PadN(_) => return Ok(None),
+        TlvRef::Unknown { .. } => return Err(Skip::Unknown),
+        TlvRef::AckReq { opaque, interval, subs, .. } => {
+            known_subs(subs, false)?;
             Message::AckReq { opaque, interval }
         }
-        RawTlv::Ack { opaque, subs } => {
-            known_subs(&subs, false)?;
+        TlvRef::Ack { opaque, subs } => {
+            known_subs(subs, false)?;
             Message::Ack { opaque }
         }
-        RawTlv::Hello { flags, seqno, interval, subs } => {
-            let (ts, _) = known_subs(&subs, false)?;
+        TlvRef::Hello { flags, seqno, interval, subs } => {
+            let (ts, _) = known_subs(subs, false)?;
             let timestamp = ts.and_then(|b| Some(u32::from_be_bytes(b.try_into().ok()?)));
             Message::Hello { unicast: flags & HELLO_UNICAST != 0, seqno, interval, timestamp }
         }
-        RawTlv::Ihu { ae, rxcost, interval, addr, subs, .. } => {
-            let (ts, _) = known_subs(&subs, false)?;
+        TlvRef::Ihu { ae, rxcost, interval, addr, subs, .. } => {
+            let (ts, _) = known_subs(subs, false)?;
             let addr = match ae {
                 0 => None,
-                1..=3 => Some(make_addr(ae, &addr).ok_or(Skip::Error)?),
+                1..=3 => Some(make_addr(ae, addr).ok_or(Skip::Error)?),
                 _ => return Err(Skip::Error),
             };
             let timestamps = ts.and_then(|b| {
@@ -354,8 +359,8 @@ fn apply(st: &mut State, raw: RawTlv) -> Result<Option<Message>, Skip> {
             });
             Message::Ihu { rxcost, interval, addr, timestamps }
         }
-        RawTlv::RouterId { router_id, subs, .. } => {
-            known_subs(&subs, false)?;
+        TlvRef::RouterId { router_id, subs, .. } => {
+            known_subs(subs, false)?;
             let id = RouterId(router_id);
             if !id.is_valid() {
                 return Err(Skip::Error);
@@ -363,17 +368,17 @@ fn apply(st: &mut State, raw: RawTlv) -> Result<Option<Message>, Skip> {
             st.router_id = Some(id);
             return Ok(None);
         }
-        RawTlv::NextHop { ae, addr, subs, .. } => {
-            known_subs(&subs, false)?;
-            match make_addr(ae, &addr) {
+        TlvRef::NextHop { ae, addr, subs, .. } => {
+            known_subs(subs, false)?;
+            match make_addr(ae, addr) {
                 Some(IpAddr::V4(a)) => st.next_hop_v4 = Some(a),
                 Some(IpAddr::V6(a)) => st.next_hop_v6 = Some(a),
                 None => return Err(Skip::Error),
             }
             return Ok(None);
         }
-        RawTlv::Update { ae, flags, plen, omitted, interval, seqno, metric, prefix, subs } => {
-            let (_, src) = known_subs(&subs, true)?;
+        TlvRef::Update { ae, flags, plen, omitted, interval, seqno, metric, prefix, subs } => {
+            let (_, src) = known_subs(subs, true)?;
             let prefix = match ae {
                 0 => {
                     if plen != 0 || metric != INFINITY {
@@ -391,18 +396,23 @@ fn apply(st: &mut State, raw: RawTlv) -> Result<Option<Message>, Skip> {
                     if omitted > default.len() {
                         return Err(Skip::Error);
                     }
-                    let p = make_prefix(ae, plen, &prefix, &default[..omitted]).ok_or(Skip::Error)?;
+                    let p = make_prefix(ae, plen, prefix, &default[..omitted]).ok_or(Skip::Error)?;
                     if flags & FLAG_DEFAULT_PREFIX != 0 {
                         // The default is the prefix as written (zero-padded), like babeld.
-                        let full = [&default[..omitted], &prefix[..]].concat();
+                        // `make_prefix` accepted it: at most 4 or 16 bytes.
+                        let mut buf = [0u8; 16];
+                        let len = omitted + prefix.len();
+                        buf[..omitted].copy_from_slice(&default[..omitted]);
+                        buf[omitted..len].copy_from_slice(prefix);
+                        let full = &buf[..len];
                         match ae {
                             1 => {
                                 st.default_v4 = [0; 4];
-                                st.default_v4[..full.len()].copy_from_slice(&full);
+                                st.default_v4[..full.len()].copy_from_slice(full);
                             }
                             2 => {
                                 st.default_v6 = [0; 16];
-                                st.default_v6[..full.len()].copy_from_slice(&full);
+                                st.default_v6[..full.len()].copy_from_slice(full);
                             }
                             _ => {}
                         }
@@ -441,22 +451,22 @@ fn apply(st: &mut State, raw: RawTlv) -> Result<Option<Message>, Skip> {
             };
             Message::Update { prefix, src, router_id, next_hop, seqno, metric, interval }
         }
-        RawTlv::RouteReq { ae, plen, prefix, subs } => {
-            let (_, src) = known_subs(&subs, true)?;
+        TlvRef::RouteReq { ae, plen, prefix, subs } => {
+            let (_, src) = known_subs(subs, true)?;
             if ae == 0 {
                 if plen != 0 || src.is_some() {
                     return Err(Skip::Error);
                 }
                 Message::RouteReq(RequestTarget::All)
             } else {
-                let p = make_prefix(ae, plen, &prefix, &[]).ok_or(Skip::Error)?;
+                let p = make_prefix(ae, plen, prefix, &[]).ok_or(Skip::Error)?;
                 let src = src.map(|b| source_prefix(b, p.addr().is_ipv6())).transpose()?;
                 Message::RouteReq(RequestTarget::Prefix { prefix: p, src })
             }
         }
-        RawTlv::SeqnoReq { ae, plen, seqno, hop_count, router_id, prefix, subs, .. } => {
-            let (_, src) = known_subs(&subs, true)?;
-            let p = make_prefix(ae, plen, &prefix, &[]).ok_or(Skip::Error)?;
+        TlvRef::SeqnoReq { ae, plen, seqno, hop_count, router_id, prefix, subs, .. } => {
+            let (_, src) = known_subs(subs, true)?;
+            let p = make_prefix(ae, plen, prefix, &[]).ok_or(Skip::Error)?;
             let src = src.map(|b| source_prefix(b, p.addr().is_ipv6())).transpose()?;
             let router_id = RouterId(router_id);
             if !router_id.is_valid() {

@@ -190,25 +190,24 @@ pub fn split_packet(bytes: &[u8]) -> Result<(&[u8], &[u8]), WireError> {
     Ok(rest.split_at(body_len))
 }
 
-/// Iterates over the TLVs of a packet body. After the first framing error
-/// (a TLV longer than what is left) it yields that error and stops; a TLV
-/// whose body is malformed yields an error and iteration goes on with the
-/// next TLV, since its length is known.
-pub struct TlvIter<'a> {
+/// Iterates over the TLVs of a packet body as (type, body) without
+/// interpreting them (Pad1 comes as type 0 with an empty body). After the
+/// first framing error (a TLV longer than what is left) it yields that
+/// error and stops.
+pub(crate) struct Frames<'a> {
     body: &'a [u8],
     pos: usize,
     done: bool,
 }
 
-impl<'a> TlvIter<'a> {
-    /// Iterates over `body` (the bytes after the 4-byte header).
-    pub fn new(body: &'a [u8]) -> Self {
-        TlvIter { body, pos: 0, done: false }
+impl<'a> Frames<'a> {
+    pub(crate) fn new(body: &'a [u8]) -> Self {
+        Frames { body, pos: 0, done: false }
     }
 }
 
-impl Iterator for TlvIter<'_> {
-    type Item = Result<RawTlv, WireError>;
+impl<'a> Iterator for Frames<'a> {
+    type Item = Result<(u8, &'a [u8]), WireError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.done || self.pos >= self.body.len() {
@@ -217,7 +216,7 @@ impl Iterator for TlvIter<'_> {
         let rest = &self.body[self.pos..];
         if rest[0] == ty::PAD1 {
             self.pos += 1;
-            return Some(Ok(RawTlv::Pad1));
+            return Some(Ok((ty::PAD1, &[])));
         }
         if rest.len() < 2 {
             self.done = true;
@@ -229,7 +228,30 @@ impl Iterator for TlvIter<'_> {
             return Some(Err(WireError::TlvLength { ty: t, len, available: rest.len() - 2 }));
         }
         self.pos += 2 + len;
-        Some(parse_tlv(t, &rest[2..2 + len]))
+        Some(Ok((t, &rest[2..2 + len])))
+    }
+}
+
+/// Iterates over the TLVs of a packet body. After the first framing error
+/// (a TLV longer than what is left) it yields that error and stops; a TLV
+/// whose body is malformed yields an error and iteration goes on with the
+/// next TLV, since its length is known.
+pub struct TlvIter<'a>(Frames<'a>);
+
+impl<'a> TlvIter<'a> {
+    /// Iterates over `body` (the bytes after the 4-byte header).
+    pub fn new(body: &'a [u8]) -> Self {
+        TlvIter(Frames::new(body))
+    }
+}
+
+impl Iterator for TlvIter<'_> {
+    type Item = Result<RawTlv, WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        Some(self.0.next()?.and_then(|(t, body)| {
+            if t == ty::PAD1 { Ok(RawTlv::Pad1) } else { parse_tlv_ref(t, body).map(TlvRef::into_raw) }
+        }))
     }
 }
 
@@ -274,13 +296,52 @@ impl<'a> Reader<'a> {
         id.copy_from_slice(self.bytes(8)?);
         Ok(id)
     }
-    fn addr(&mut self, ae: u8) -> Result<Vec<u8>, WireError> {
+    fn addr(&mut self, ae: u8) -> Result<&'a [u8], WireError> {
         let n = ae_addr_len(ae).ok_or(WireError::UnknownAe { ty: self.ty, ae })?;
-        Ok(self.bytes(n)?.to_vec())
+        self.bytes(n)
     }
-    /// The rest of the body, as sub-TLVs.
-    fn subs(self) -> Result<Vec<RawSubTlv>, WireError> {
-        parse_subs(self.ty, self.b)
+    /// The rest of the body, as sub-TLVs (their framing checked).
+    fn subs(self) -> Result<Subs<'a>, WireError> {
+        let mut b = self.b;
+        while let Some(&first) = b.first() {
+            let n = if first == sub::PAD1 { 1 } else { 2 + *b.get(1).unwrap_or(&u8::MAX) as usize };
+            if first != sub::PAD1 && (b.len() < 2 || b.len() < n) {
+                return Err(WireError::SubTlvLength { ty: self.ty });
+            }
+            b = &b[n..];
+        }
+        Ok(Subs(self.b))
+    }
+}
+
+/// The sub-TLVs of a TLV, as on the wire, their framing checked.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Subs<'a>(&'a [u8]);
+
+impl<'a> Subs<'a> {
+    /// (type, body) of each sub-TLV but Pad1 and PadN.
+    pub(crate) fn iter(self) -> impl Iterator<Item = (u8, &'a [u8])> {
+        let mut b = self.0;
+        std::iter::from_fn(move || {
+            loop {
+                let (&t, rest) = b.split_first()?;
+                if t == sub::PAD1 {
+                    b = rest;
+                    continue;
+                }
+                let (&len, rest) = rest.split_first()?;
+                let (body, rest) = rest.split_at_checked(len as usize)?;
+                b = rest;
+                if t != sub::PADN {
+                    return Some((t, body));
+                }
+            }
+        })
+    }
+
+    fn to_raw(self) -> Vec<RawSubTlv> {
+        // Checked when parsed: nothing to fail here.
+        parse_subs(0, self.0).unwrap_or_default()
     }
 }
 
@@ -307,29 +368,155 @@ fn parse_subs(t: u8, mut b: &[u8]) -> Result<Vec<RawSubTlv>, WireError> {
     Ok(subs)
 }
 
-fn parse_tlv(t: u8, body: &[u8]) -> Result<RawTlv, WireError> {
+/// A TLV as [`RawTlv`] has it, borrowing its bytes from the packet (the
+/// receive path decodes from this without allocating).
+pub(crate) enum TlvRef<'a> {
+    PadN(u8),
+    AckReq {
+        reserved: u16,
+        opaque: u16,
+        interval: u16,
+        subs: Subs<'a>,
+    },
+    Ack {
+        opaque: u16,
+        subs: Subs<'a>,
+    },
+    Hello {
+        flags: u16,
+        seqno: u16,
+        interval: u16,
+        subs: Subs<'a>,
+    },
+    Ihu {
+        ae: u8,
+        reserved: u8,
+        rxcost: u16,
+        interval: u16,
+        addr: &'a [u8],
+        subs: Subs<'a>,
+    },
+    RouterId {
+        reserved: u16,
+        router_id: [u8; 8],
+        subs: Subs<'a>,
+    },
+    NextHop {
+        ae: u8,
+        reserved: u8,
+        addr: &'a [u8],
+        subs: Subs<'a>,
+    },
+    Update {
+        ae: u8,
+        flags: u8,
+        plen: u8,
+        omitted: u8,
+        interval: u16,
+        seqno: u16,
+        metric: u16,
+        prefix: &'a [u8],
+        subs: Subs<'a>,
+    },
+    RouteReq {
+        ae: u8,
+        plen: u8,
+        prefix: &'a [u8],
+        subs: Subs<'a>,
+    },
+    SeqnoReq {
+        ae: u8,
+        plen: u8,
+        seqno: u16,
+        hop_count: u8,
+        reserved: u8,
+        router_id: [u8; 8],
+        prefix: &'a [u8],
+        subs: Subs<'a>,
+    },
+    Unknown {
+        ty: u8,
+        body: &'a [u8],
+    },
+}
+
+impl TlvRef<'_> {
+    fn into_raw(self) -> RawTlv {
+        match self {
+            TlvRef::PadN(n) => RawTlv::PadN(n),
+            TlvRef::AckReq { reserved, opaque, interval, subs } => {
+                RawTlv::AckReq { reserved, opaque, interval, subs: subs.to_raw() }
+            }
+            TlvRef::Ack { opaque, subs } => RawTlv::Ack { opaque, subs: subs.to_raw() },
+            TlvRef::Hello { flags, seqno, interval, subs } => {
+                RawTlv::Hello { flags, seqno, interval, subs: subs.to_raw() }
+            }
+            TlvRef::Ihu { ae, reserved, rxcost, interval, addr, subs } => {
+                RawTlv::Ihu { ae, reserved, rxcost, interval, addr: addr.to_vec(), subs: subs.to_raw() }
+            }
+            TlvRef::RouterId { reserved, router_id, subs } => {
+                RawTlv::RouterId { reserved, router_id, subs: subs.to_raw() }
+            }
+            TlvRef::NextHop { ae, reserved, addr, subs } => {
+                RawTlv::NextHop { ae, reserved, addr: addr.to_vec(), subs: subs.to_raw() }
+            }
+            TlvRef::Update { ae, flags, plen, omitted, interval, seqno, metric, prefix, subs } => {
+                RawTlv::Update {
+                    ae,
+                    flags,
+                    plen,
+                    omitted,
+                    interval,
+                    seqno,
+                    metric,
+                    prefix: prefix.to_vec(),
+                    subs: subs.to_raw(),
+                }
+            }
+            TlvRef::RouteReq { ae, plen, prefix, subs } => {
+                RawTlv::RouteReq { ae, plen, prefix: prefix.to_vec(), subs: subs.to_raw() }
+            }
+            TlvRef::SeqnoReq { ae, plen, seqno, hop_count, reserved, router_id, prefix, subs } => {
+                RawTlv::SeqnoReq {
+                    ae,
+                    plen,
+                    seqno,
+                    hop_count,
+                    reserved,
+                    router_id,
+                    prefix: prefix.to_vec(),
+                    subs: subs.to_raw(),
+                }
+            }
+            TlvRef::Unknown { ty, body } => RawTlv::Unknown { ty, body: body.to_vec() },
+        }
+    }
+}
+
+/// Parses the body of a TLV of type `t` (not Pad1).
+pub(crate) fn parse_tlv_ref(t: u8, body: &[u8]) -> Result<TlvRef<'_>, WireError> {
     let mut r = Reader { b: body, ty: t };
     Ok(match t {
-        ty::PADN => RawTlv::PadN(body.len() as u8),
+        ty::PADN => TlvRef::PadN(body.len() as u8),
         ty::ACK_REQ => {
-            RawTlv::AckReq { reserved: r.u16()?, opaque: r.u16()?, interval: r.u16()?, subs: r.subs()? }
+            TlvRef::AckReq { reserved: r.u16()?, opaque: r.u16()?, interval: r.u16()?, subs: r.subs()? }
         }
-        ty::ACK => RawTlv::Ack { opaque: r.u16()?, subs: r.subs()? },
-        ty::HELLO => RawTlv::Hello { flags: r.u16()?, seqno: r.u16()?, interval: r.u16()?, subs: r.subs()? },
+        ty::ACK => TlvRef::Ack { opaque: r.u16()?, subs: r.subs()? },
+        ty::HELLO => TlvRef::Hello { flags: r.u16()?, seqno: r.u16()?, interval: r.u16()?, subs: r.subs()? },
         ty::IHU => {
             let ae = r.u8()?;
             let reserved = r.u8()?;
             let rxcost = r.u16()?;
             let interval = r.u16()?;
             let addr = r.addr(ae)?;
-            RawTlv::Ihu { ae, reserved, rxcost, interval, addr, subs: r.subs()? }
+            TlvRef::Ihu { ae, reserved, rxcost, interval, addr, subs: r.subs()? }
         }
-        ty::ROUTER_ID => RawTlv::RouterId { reserved: r.u16()?, router_id: r.id()?, subs: r.subs()? },
+        ty::ROUTER_ID => TlvRef::RouterId { reserved: r.u16()?, router_id: r.id()?, subs: r.subs()? },
         ty::NEXT_HOP => {
             let ae = r.u8()?;
             let reserved = r.u8()?;
             let addr = r.addr(ae)?;
-            RawTlv::NextHop { ae, reserved, addr, subs: r.subs()? }
+            TlvRef::NextHop { ae, reserved, addr, subs: r.subs()? }
         }
         ty::UPDATE => {
             let ae = r.u8()?;
@@ -340,14 +527,14 @@ fn parse_tlv(t: u8, body: &[u8]) -> Result<RawTlv, WireError> {
             let seqno = r.u16()?;
             let metric = r.u16()?;
             let n = prefix_bytes(plen).checked_sub(omitted as usize).ok_or(WireError::BadPrefix { ty: t })?;
-            let prefix = r.bytes(n)?.to_vec();
-            RawTlv::Update { ae, flags, plen, omitted, interval, seqno, metric, prefix, subs: r.subs()? }
+            let prefix = r.bytes(n)?;
+            TlvRef::Update { ae, flags, plen, omitted, interval, seqno, metric, prefix, subs: r.subs()? }
         }
         ty::ROUTE_REQ => {
             let ae = r.u8()?;
             let plen = r.u8()?;
-            let prefix = r.bytes(prefix_bytes(plen))?.to_vec();
-            RawTlv::RouteReq { ae, plen, prefix, subs: r.subs()? }
+            let prefix = r.bytes(prefix_bytes(plen))?;
+            TlvRef::RouteReq { ae, plen, prefix, subs: r.subs()? }
         }
         ty::SEQNO_REQ => {
             let ae = r.u8()?;
@@ -356,10 +543,10 @@ fn parse_tlv(t: u8, body: &[u8]) -> Result<RawTlv, WireError> {
             let hop_count = r.u8()?;
             let reserved = r.u8()?;
             let router_id = r.id()?;
-            let prefix = r.bytes(prefix_bytes(plen))?.to_vec();
-            RawTlv::SeqnoReq { ae, plen, seqno, hop_count, reserved, router_id, prefix, subs: r.subs()? }
+            let prefix = r.bytes(prefix_bytes(plen))?;
+            TlvRef::SeqnoReq { ae, plen, seqno, hop_count, reserved, router_id, prefix, subs: r.subs()? }
         }
-        _ => RawTlv::Unknown { ty: t, body: body.to_vec() },
+        _ => TlvRef::Unknown { ty: t, body },
     })
 }
 
