@@ -1645,7 +1645,9 @@ pub fn add_metric(cost: u16, metric: u16) -> u16 {
 }
 
 fn centis(d: Duration) -> u16 {
-    (d.as_millis() / 10).min(u128::from(u16::MAX)) as u16
+    // Without `as_millis()`'s 128-bit division: the same value.
+    let c = d.as_secs().saturating_mul(100).saturating_add(u64::from(d.subsec_millis() / 10));
+    c.min(u64::from(u16::MAX)) as u16
 }
 
 fn interval_duration(centis: u16, fallback: Duration) -> Duration {

@@ -369,3 +369,22 @@ fn reused_full_updates_carry_route_changes() {
     let m = metrics(&sent);
     assert!(m.len() >= 2 && m.iter().all(|&x| x == 396), "{m:?}");
 }
+
+proptest::proptest! {
+    /// The interval and expiry arithmetic in u64 gives what the plain
+    /// 128-bit formulas gave.
+    #[test]
+    fn time_arithmetic_in_u64_matches_the_128_bit_formulas(
+        secs in proptest::prop_oneof![0u64..1000, 0u64..(1 << 40)],
+        nanos in 0u32..1_000_000_000,
+    ) {
+        let d = Duration::new(secs, nanos);
+        let c = (d.as_millis() / 10).min(u128::from(u16::MAX)) as u16;
+        proptest::prop_assert_eq!(centis(d), c);
+        let epoch = Instant::now();
+        if let Some(t) = epoch.checked_add(d) {
+            let ticks = u32::try_from(d.as_nanos().div_ceil(250_000_000)).unwrap_or(u32::MAX);
+            proptest::prop_assert_eq!(tables::Ticks::ceil(epoch, t), tables::Ticks(ticks));
+        }
+    }
+}
