@@ -167,7 +167,8 @@ impl Neighbour {
         // 128-bit division on every Hello showed in profiles); the products
         // saturate only for RTTs of years.
         let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let frac = micros(rtt - rc.min).saturating_mul(u64::from(rc.max_penalty)) / micros(rc.max - rc.min).max(1);
+        let frac =
+            micros(rtt - rc.min).saturating_mul(u64::from(rc.max_penalty)) / micros(rc.max - rc.min).max(1);
         frac.min(u64::from(rc.max_penalty)) as u16
     }
 
