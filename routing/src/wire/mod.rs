@@ -328,7 +328,7 @@ fn make_addr(ae: u8, b: &[u8]) -> Option<IpAddr> {
 
 fn apply(st: &mut State, tlv: TlvRef<'_>) -> Result<Option<Message>, Skip> {
     Ok(Some(match tlv {
-        TlvRef::PadN(_) => return Ok(None),
+        TlvRef::Pad1 | TlvRef::PadN(_) => return Ok(None),
         TlvRef::Unknown { .. } => return Err(Skip::Unknown),
         TlvRef::AckReq { opaque, interval, subs, .. } => {
             known_subs(subs, false)?;

@@ -70,9 +70,10 @@ impl RawSubTlv {
 
 /// A TLV, fields as on the wire. Addresses and prefixes are the raw bytes
 /// present in the packet (possibly compressed); [`super::decode`] applies
-/// the parser state to them.
+/// the parser state to them. `B` holds bytes and `S` sub-TLVs: owned by
+/// default; the decoder borrows them from the packet instead.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RawTlv {
+pub enum RawTlv<B = Vec<u8>, S = Vec<RawSubTlv>> {
     Pad1,
     /// PadN with this many bytes of body.
     PadN(u8),
@@ -80,36 +81,36 @@ pub enum RawTlv {
         reserved: u16,
         opaque: u16,
         interval: u16,
-        subs: Vec<RawSubTlv>,
+        subs: S,
     },
     Ack {
         opaque: u16,
-        subs: Vec<RawSubTlv>,
+        subs: S,
     },
     Hello {
         flags: u16,
         seqno: u16,
         interval: u16,
-        subs: Vec<RawSubTlv>,
+        subs: S,
     },
     Ihu {
         ae: u8,
         reserved: u8,
         rxcost: u16,
         interval: u16,
-        addr: Vec<u8>,
-        subs: Vec<RawSubTlv>,
+        addr: B,
+        subs: S,
     },
     RouterId {
         reserved: u16,
         router_id: [u8; 8],
-        subs: Vec<RawSubTlv>,
+        subs: S,
     },
     NextHop {
         ae: u8,
         reserved: u8,
-        addr: Vec<u8>,
-        subs: Vec<RawSubTlv>,
+        addr: B,
+        subs: S,
     },
     Update {
         ae: u8,
@@ -119,14 +120,14 @@ pub enum RawTlv {
         interval: u16,
         seqno: u16,
         metric: u16,
-        prefix: Vec<u8>,
-        subs: Vec<RawSubTlv>,
+        prefix: B,
+        subs: S,
     },
     RouteReq {
         ae: u8,
         plen: u8,
-        prefix: Vec<u8>,
-        subs: Vec<RawSubTlv>,
+        prefix: B,
+        subs: S,
     },
     SeqnoReq {
         ae: u8,
@@ -135,14 +136,14 @@ pub enum RawTlv {
         hop_count: u8,
         reserved: u8,
         router_id: [u8; 8],
-        prefix: Vec<u8>,
-        subs: Vec<RawSubTlv>,
+        prefix: B,
+        subs: S,
     },
     /// A TLV type this codec does not interpret (MAC, PC, challenges, future
     /// types), kept verbatim so that it can be skipped or re-emitted.
     Unknown {
         ty: u8,
-        body: Vec<u8>,
+        body: B,
     },
 }
 
@@ -315,7 +316,7 @@ impl<'a> Reader<'a> {
 }
 
 /// The sub-TLVs of a TLV, as on the wire, their framing checked.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Subs<'a>(&'a [u8]);
 
 impl<'a> Subs<'a> {
@@ -368,81 +369,14 @@ fn parse_subs(t: u8, mut b: &[u8]) -> Result<Vec<RawSubTlv>, WireError> {
     Ok(subs)
 }
 
-/// A TLV as [`RawTlv`] has it, borrowing its bytes from the packet (the
-/// receive path decodes from this without allocating).
-pub(crate) enum TlvRef<'a> {
-    PadN(u8),
-    AckReq {
-        reserved: u16,
-        opaque: u16,
-        interval: u16,
-        subs: Subs<'a>,
-    },
-    Ack {
-        opaque: u16,
-        subs: Subs<'a>,
-    },
-    Hello {
-        flags: u16,
-        seqno: u16,
-        interval: u16,
-        subs: Subs<'a>,
-    },
-    Ihu {
-        ae: u8,
-        reserved: u8,
-        rxcost: u16,
-        interval: u16,
-        addr: &'a [u8],
-        subs: Subs<'a>,
-    },
-    RouterId {
-        reserved: u16,
-        router_id: [u8; 8],
-        subs: Subs<'a>,
-    },
-    NextHop {
-        ae: u8,
-        reserved: u8,
-        addr: &'a [u8],
-        subs: Subs<'a>,
-    },
-    Update {
-        ae: u8,
-        flags: u8,
-        plen: u8,
-        omitted: u8,
-        interval: u16,
-        seqno: u16,
-        metric: u16,
-        prefix: &'a [u8],
-        subs: Subs<'a>,
-    },
-    RouteReq {
-        ae: u8,
-        plen: u8,
-        prefix: &'a [u8],
-        subs: Subs<'a>,
-    },
-    SeqnoReq {
-        ae: u8,
-        plen: u8,
-        seqno: u16,
-        hop_count: u8,
-        reserved: u8,
-        router_id: [u8; 8],
-        prefix: &'a [u8],
-        subs: Subs<'a>,
-    },
-    Unknown {
-        ty: u8,
-        body: &'a [u8],
-    },
-}
+/// A TLV borrowing its bytes from the packet (the receive path decodes
+/// from this without allocating).
+pub(crate) type TlvRef<'a> = RawTlv<&'a [u8], Subs<'a>>;
 
 impl TlvRef<'_> {
     fn into_raw(self) -> RawTlv {
         match self {
+            TlvRef::Pad1 => RawTlv::Pad1,
             TlvRef::PadN(n) => RawTlv::PadN(n),
             TlvRef::AckReq { reserved, opaque, interval, subs } => {
                 RawTlv::AckReq { reserved, opaque, interval, subs: subs.to_raw() }
