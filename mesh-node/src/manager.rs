@@ -646,8 +646,6 @@ mod tests {
         assert_eq!(connects(&drain(&mut m)).len(), 2, "retried 30 s after failing, for want of anyone else");
     }
 
-    /// A manager that keeps 2 tunnels, knows 4 peers and has tunnels up
-    /// to the 2 it picked (returned).
     #[test]
     fn drawing_victims_matches_choosing_from_a_shrinking_list() {
         // The draw must give the victims the naive eviction gave (so that
@@ -669,6 +667,8 @@ mod tests {
         }
     }
 
+    /// A manager that keeps 2 tunnels, knows 4 peers and has tunnels up
+    /// to the 2 it picked (returned).
     fn two_tunnels_up_of_four(now: Instant) -> (TunnelManager, Vec<PeerId>) {
         let cfg = ManagerConfig { client_count: 2, ..Default::default() };
         let mut m = TunnelManager::new(p(0), cfg, 5, now);

@@ -214,11 +214,8 @@ pub fn decode_into(bytes: &[u8], out: &mut Decoded) -> Result<(), WireError> {
     // Straight from the packet's bytes (no raw TLVs built: that allocated
     // for every update's prefix).
     for frame in Frames::new(body) {
-        let tlv = frame
-            .and_then(|(t, b)| if t == sub::PAD1 { Ok(None) } else { tlv::parse_tlv_ref(t, b).map(Some) });
-        match tlv {
-            Ok(None) => {}
-            Ok(Some(tlv)) => match apply(&mut st, tlv) {
+        match frame.and_then(|(t, b)| tlv::parse_tlv_ref(t, b)) {
+            Ok(tlv) => match apply(&mut st, tlv) {
                 Ok(Some(m)) => out.messages.push(m),
                 Ok(None) => {}
                 Err(Skip::Unknown) => out.unknown += 1,

@@ -250,9 +250,7 @@ impl Iterator for TlvIter<'_> {
     type Item = Result<RawTlv, WireError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        Some(self.0.next()?.and_then(|(t, body)| {
-            if t == ty::PAD1 { Ok(RawTlv::Pad1) } else { parse_tlv_ref(t, body).map(TlvRef::into_raw) }
-        }))
+        Some(self.0.next()?.and_then(|(t, body)| parse_tlv_ref(t, body)).map(TlvRef::into_raw))
     }
 }
 
@@ -303,16 +301,30 @@ impl<'a> Reader<'a> {
     }
     /// The rest of the body, as sub-TLVs (their framing checked).
     fn subs(self) -> Result<Subs<'a>, WireError> {
-        let mut b = self.b;
-        while let Some(&first) = b.first() {
-            let n = if first == sub::PAD1 { 1 } else { 2 + *b.get(1).unwrap_or(&u8::MAX) as usize };
-            if first != sub::PAD1 && (b.len() < 2 || b.len() < n) {
-                return Err(WireError::SubTlvLength { ty: self.ty });
-            }
-            b = &b[n..];
+        for frame in sub_frames(self.b) {
+            frame.map_err(|()| WireError::SubTlvLength { ty: self.ty })?;
         }
         Ok(Subs(self.b))
     }
+}
+
+/// The sub-TLVs in `b` as (type, body), Pad1 with an empty body; `Err`
+/// for one longer than what is left, and nothing after it.
+fn sub_frames(mut b: &[u8]) -> impl Iterator<Item = Result<(u8, &[u8]), ()>> {
+    std::iter::from_fn(move || {
+        let (&t, rest) = b.split_first()?;
+        if t == sub::PAD1 {
+            b = rest;
+            return Some(Ok((t, &[][..])));
+        }
+        let frame = rest.split_first().and_then(|(&len, rest)| rest.split_at_checked(len as usize));
+        let Some((body, rest)) = frame else {
+            b = &[];
+            return Some(Err(()));
+        };
+        b = rest;
+        Some(Ok((t, body)))
+    })
 }
 
 /// The sub-TLVs of a TLV, as on the wire, their framing checked.
@@ -322,51 +334,19 @@ pub(crate) struct Subs<'a>(&'a [u8]);
 impl<'a> Subs<'a> {
     /// (type, body) of each sub-TLV but Pad1 and PadN.
     pub(crate) fn iter(self) -> impl Iterator<Item = (u8, &'a [u8])> {
-        let mut b = self.0;
-        std::iter::from_fn(move || {
-            loop {
-                let (&t, rest) = b.split_first()?;
-                if t == sub::PAD1 {
-                    b = rest;
-                    continue;
-                }
-                let (&len, rest) = rest.split_first()?;
-                let (body, rest) = rest.split_at_checked(len as usize)?;
-                b = rest;
-                if t != sub::PADN {
-                    return Some((t, body));
-                }
-            }
-        })
+        sub_frames(self.0).filter_map(Result::ok).filter(|(t, _)| *t != sub::PAD1 && *t != sub::PADN)
     }
 
     fn to_raw(self) -> Vec<RawSubTlv> {
-        // Checked when parsed: nothing to fail here.
-        parse_subs(0, self.0).unwrap_or_default()
+        sub_frames(self.0)
+            .filter_map(Result::ok)
+            .map(|(t, body)| match t {
+                sub::PAD1 => RawSubTlv::Pad1,
+                sub::PADN => RawSubTlv::PadN(body.len() as u8),
+                _ => RawSubTlv::Other { ty: t, body: body.to_vec() },
+            })
+            .collect()
     }
-}
-
-fn parse_subs(t: u8, mut b: &[u8]) -> Result<Vec<RawSubTlv>, WireError> {
-    let mut subs = Vec::new();
-    while !b.is_empty() {
-        if b[0] == sub::PAD1 {
-            subs.push(RawSubTlv::Pad1);
-            b = &b[1..];
-            continue;
-        }
-        if b.len() < 2 || b.len() < 2 + b[1] as usize {
-            return Err(WireError::SubTlvLength { ty: t });
-        }
-        let (st, len) = (b[0], b[1] as usize);
-        let body = &b[2..2 + len];
-        subs.push(if st == sub::PADN {
-            RawSubTlv::PadN(len as u8)
-        } else {
-            RawSubTlv::Other { ty: st, body: body.to_vec() }
-        });
-        b = &b[2 + len..];
-    }
-    Ok(subs)
 }
 
 /// A TLV borrowing its bytes from the packet (the receive path decodes
@@ -427,10 +407,11 @@ impl TlvRef<'_> {
     }
 }
 
-/// Parses the body of a TLV of type `t` (not Pad1).
+/// Parses the body of a TLV of type `t` (as [`Frames`] gives them).
 pub(crate) fn parse_tlv_ref(t: u8, body: &[u8]) -> Result<TlvRef<'_>, WireError> {
     let mut r = Reader { b: body, ty: t };
     Ok(match t {
+        ty::PAD1 => TlvRef::Pad1,
         ty::PADN => TlvRef::PadN(body.len() as u8),
         ty::ACK_REQ => {
             TlvRef::AckReq { reserved: r.u16()?, opaque: r.u16()?, interval: r.u16()?, subs: r.subs()? }
