@@ -282,6 +282,10 @@ pub struct Router {
     /// updates of one packet are handled; cleared by anything that may
     /// change the cost.
     cost_cache: Option<(u32, u16, Duration)>,
+    /// The expiry of the last update handled in this packet, by (sending
+    /// neighbour, announced interval): the packet's updates share one
+    /// `now` and nearly always one interval. Cleared between packets.
+    expiry_cache: Option<(u32, u16, Ticks)>,
     /// How many learned destinations have each prefix length (plain
     /// routes), and the source-specific ones, for [`Router::advertises`].
     plain_lens: BTreeMap<u8, u32>,
@@ -334,6 +338,7 @@ impl Router {
             flush_at: None,
             min_hello: Duration::from_secs(4),
             cost_cache: None,
+            expiry_cache: None,
             plain_lens: BTreeMap::new(),
             specific: BTreeSet::new(),
             out: Vec::new(),
@@ -492,11 +497,17 @@ impl Router {
         }
         self.warm(nbr, &decoded.messages);
         self.cost_cache = None;
+        self.expiry_cache = None;
+        let from = {
+            let n = &self.neighbours[&nbr];
+            (n.iface, n.addr)
+        };
         for m in decoded.messages.drain(..) {
-            self.handle_message(now, nbr, m, packet_ts);
+            self.handle_message(now, nbr, from, m, packet_ts);
         }
         self.decoded = decoded;
         self.cost_cache = None;
+        self.expiry_cache = None;
         self.flush(now);
     }
 
@@ -778,11 +789,16 @@ impl Router {
 
     // ---------------------------------------------------------- messages
 
-    fn handle_message(&mut self, now: Instant, nbr: u32, m: Message, packet_ts: Option<u32>) {
-        let (iface, from) = {
-            let n = &self.neighbours[&nbr];
-            (n.iface, n.addr)
-        };
+    /// Handles one message of a packet from neighbour `nbr`, which is
+    /// `from` on `iface`.
+    fn handle_message(
+        &mut self,
+        now: Instant,
+        nbr: u32,
+        (iface, from): (IfaceId, Ipv6Addr),
+        m: Message,
+        packet_ts: Option<u32>,
+    ) {
         match m {
             Message::AckReq { opaque, .. } => {
                 self.queue(iface, Destination::Unicast(from), Message::Ack { opaque });
@@ -897,8 +913,15 @@ impl Router {
             }
             return;
         }
-        let hold = interval_duration(interval, default_interval) * 7 / 2;
-        let expires = Ticks::ceil(self.epoch, now + hold);
+        let expires = match self.expiry_cache {
+            Some((id, i, t)) if id == nbr && i == interval => t,
+            _ => {
+                let hold = interval_duration(interval, default_interval) * 7 / 2;
+                let t = Ticks::ceil(self.epoch, now + hold);
+                self.expiry_cache = Some((nbr, interval, t));
+                t
+            }
+        };
         self.min_expiry = self.min_expiry.min(expires);
         let metric = add_metric(cost, refmetric);
         // Most updates are the periodic repetition of what the neighbour

@@ -206,6 +206,13 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, WireError> {
 /// [`decode`] into `out`, which is cleared first: a receiver that keeps
 /// one `Decoded` allocates nothing per packet.
 pub fn decode_into(bytes: &[u8], out: &mut Decoded) -> Result<(), WireError> {
+    decode_with(bytes, out, true)
+}
+
+/// [`decode_into`] with the fast paths for plain Updates and Router-Ids on
+/// or off (off: every TLV through the general parse, which the fast paths
+/// must agree with).
+fn decode_with(bytes: &[u8], out: &mut Decoded, fast: bool) -> Result<(), WireError> {
     out.messages.clear();
     out.errors = 0;
     out.unknown = 0;
@@ -214,6 +221,24 @@ pub fn decode_into(bytes: &[u8], out: &mut Decoded) -> Result<(), WireError> {
     // Straight from the packet's bytes (no raw TLVs built: that allocated
     // for every update's prefix).
     for frame in Frames::new(body) {
+        // Fast paths for the two TLVs a full table is made of.
+        if fast && let Ok((t, b)) = frame {
+            if t == tlv::ty::UPDATE
+                && let Some(m) = plain_update(&st, b)
+            {
+                out.messages.push(m);
+                continue;
+            }
+            if t == tlv::ty::ROUTER_ID
+                && let &[_, _, ref id @ ..] = b
+                && let Ok(id) = <[u8; 8]>::try_from(id)
+                && RouterId(id).is_valid()
+            {
+                // Exactly reserved + id: no sub-TLVs.
+                st.router_id = Some(RouterId(id));
+                continue;
+            }
+        }
         match frame.and_then(|(t, b)| tlv::parse_tlv_ref(t, b)) {
             Ok(tlv) => match apply(&mut st, tlv) {
                 Ok(Some(m)) => out.messages.push(m),
@@ -225,6 +250,35 @@ pub fn decode_into(bytes: &[u8], out: &mut Decoded) -> Result<(), WireError> {
         }
     }
     Ok(())
+}
+
+/// The Update nearly every packet is full of — IPv6 (AE 2), no flags, no
+/// sub-TLVs, a router-id already set — decoded straight from its body `b`;
+/// `None` for any other Update, valid or not, which the general parse then
+/// decodes (or counts as an error) as before. A full table is a thousand of
+/// these per neighbour every update interval: the general path's TLV enum,
+/// sub-TLV scan and prefix checks were a quarter of the cost of receiving one.
+fn plain_update(st: &State, b: &[u8]) -> Option<Message> {
+    let &[2, 0, plen, omitted, i0, i1, s0, s1, m0, m1, ref prefix @ ..] = b else { return None };
+    let omitted = usize::from(omitted);
+    // Exactly the prefix's bytes: anything after them is sub-TLVs.
+    if plen > 128 || omitted + prefix.len() != tlv::prefix_bytes(plen) {
+        return None;
+    }
+    let router_id = st.router_id?;
+    let mut a = [0u8; 16];
+    a[..omitted].copy_from_slice(&st.default_v6[..omitted]);
+    a[omitted..omitted + prefix.len()].copy_from_slice(prefix);
+    let prefix = Ipv6Net::new(Ipv6Addr::from(a), plen).ok()?.trunc();
+    Some(Message::Update {
+        prefix: Some(IpNet::V6(prefix)),
+        src: None,
+        router_id,
+        next_hop: st.next_hop_v6.map(IpAddr::V6),
+        seqno: u16::from_be_bytes([s0, s1]),
+        metric: u16::from_be_bytes([m0, m1]),
+        interval: u16::from_be_bytes([i0, i1]),
+    })
 }
 
 enum Skip {
