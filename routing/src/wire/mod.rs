@@ -266,12 +266,9 @@ fn plain_update(st: &State, b: &[u8]) -> Option<Message> {
         return None;
     }
     let router_id = st.router_id?;
-    let mut a = [0u8; 16];
-    a[..omitted].copy_from_slice(&st.default_v6[..omitted]);
-    a[omitted..omitted + prefix.len()].copy_from_slice(prefix);
-    let prefix = Ipv6Net::new(Ipv6Addr::from(a), plen).ok()?.trunc();
+    let prefix = make_prefix(2, plen, prefix, &st.default_v6[..omitted])?;
     Some(Message::Update {
-        prefix: Some(IpNet::V6(prefix)),
+        prefix: Some(prefix),
         src: None,
         router_id,
         next_hop: st.next_hop_v6.map(IpAddr::V6),
