@@ -16,6 +16,7 @@ mod tests;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv6Net};
@@ -231,7 +232,8 @@ struct FullUpdate {
     /// When its sources were last noted (RFC 8966 §3.7.3): again at least
     /// this often, so that none of them ages towards garbage collection.
     noted: Instant,
-    msgs: Vec<Message>,
+    /// Shared with the queues it waits in (see [`Queued::Full`]).
+    msgs: Arc<[Message]>,
 }
 
 /// How long a full update's messages may be reused without noting their
@@ -252,7 +254,27 @@ struct Pending {
 }
 
 /// Messages waiting to be sent to a destination on an interface.
-type Outgoing = ((IfaceId, Destination), Vec<Message>);
+type Outgoing = ((IfaceId, Destination), Vec<Queued>);
+
+/// What waits in an outgoing queue.
+#[derive(Clone, Debug)]
+enum Queued {
+    Msg(Message),
+    /// A full update's messages, in order: one table's worth of updates
+    /// queued on every tunnel in turn, shared rather than copied.
+    Full(Arc<[Message]>),
+}
+
+/// A full update's messages as the packet builder left them, written into
+/// empty packets for an MTU: the same messages give the same bytes, so
+/// the next interface with that MTU starts from a copy instead of encoding
+/// them again.
+#[derive(Debug)]
+struct Encoded {
+    msgs: Arc<[Message]>,
+    mtu: usize,
+    builder: PacketBuilder,
+}
 
 /// The router. See the module documentation.
 #[derive(Debug)]
@@ -304,6 +326,8 @@ pub struct Router {
     generation: u64,
     /// The last full update built, reused while `generation` holds.
     full_update: Option<FullUpdate>,
+    /// The last full update encoded.
+    encoded: Option<Encoded>,
     /// (due, as nanoseconds since `epoch`; order of scheduling; timer):
     /// integers compare faster than `Instant`s, and this heap is popped
     /// for every Hello.
@@ -346,6 +370,7 @@ impl Router {
             min_expiry: Ticks::MAX,
             generation: 0,
             full_update: None,
+            encoded: None,
             timers: BinaryHeap::new(),
             timer_seq: 0,
             transmits: VecDeque::new(),
@@ -443,8 +468,8 @@ impl Router {
         if self.xroutes.insert(key) {
             self.generation += 1;
             if let Some(slot) = self.routes.get_mut(&key) {
-                slot.selected = None;
-                if slot.installed.take().is_some() {
+                slot.set_selected(None);
+                if slot.replace_installed(None).is_some() {
                     self.events.push_back(Event::Unselected { prefix: key.0, src: key.1 });
                 }
             }
@@ -599,7 +624,7 @@ impl Router {
                     refmetric: e.refmetric,
                     next_hop: Some(slot.next_hop(e.nbr, n.addr)),
                     iface: Some(n.iface),
-                    selected: slot.selected == Some(i),
+                    selected: slot.selected() == Some(i),
                     feasible: self.feasible(key, e.router_id, e.seqno, e.refmetric),
                 });
             }
@@ -612,13 +637,13 @@ impl Router {
 
     /// How many destinations have a selected route (not counting ours).
     pub fn selected_count(&self) -> usize {
-        self.routes.values().filter(|s| s.selected.is_some()).count()
+        self.routes.values().filter(|s| s.selected().is_some()).count()
     }
 
     /// The selected route for a destination: (iface, next hop, metric).
     pub fn selected(&self, key: &RouteKey) -> Option<(IfaceId, Ipv6Addr, u16)> {
         let slot = self.routes.get(key)?;
-        let e = &slot.entries[slot.selected?];
+        let e = &slot.entries[slot.selected()?];
         let n = &self.neighbours[&e.nbr];
         Some((n.iface, slot.next_hop(e.nbr, n.addr), e.metric))
     }
@@ -756,7 +781,7 @@ impl Router {
             // An entry that is not selected and gets worse, or better but not
             // by enough to win, changes nothing: skip the reselection (this
             // runs on every cost change, for every destination).
-            let unchanged = match slot.selected {
+            let unchanged = match slot.selected() {
                 Some(s) if s != i => new >= old || new.saturating_add(HYSTERESIS) > slot.entries[s].metric,
                 _ => false,
             };
@@ -929,7 +954,7 @@ impl Router {
         // the entry's lifetime moves (selection cannot change, and the
         // selected route is feasible).
         if let Some(slot) = self.routes.get_mut(&key)
-            && slot.selected.is_some()
+            && slot.selected().is_some()
             && let Some(i) = slot.position(nbr)
             && slot.next_hop(nbr, from) == next_hop
             && let e = &mut slot.entries[i]
@@ -946,7 +971,7 @@ impl Router {
             std::collections::hash_map::Entry::Occupied(o) => (o.into_mut(), false),
             std::collections::hash_map::Entry::Vacant(v) => (v.insert(Slot::default()), true),
         };
-        let was_selected_here = slot.selected.is_some_and(|i| slot.entries[i].nbr == nbr);
+        let was_selected_here = slot.selected().is_some_and(|i| slot.entries[i].nbr == nbr);
         let old_next_hop = slot.next_hop(nbr, from);
         let changed = match slot.position(nbr) {
             Some(i) => {
@@ -970,7 +995,7 @@ impl Router {
         // the hysteresis changes no selection: the rest of the table is as
         // the last selection saw it (a new tunnel brings a thousand such).
         let selection_stands = !was_selected_here
-            && slot.selected.is_some_and(|s| metric.saturating_add(HYSTERESIS) > slot.entries[s].metric);
+            && slot.selected().is_some_and(|s| metric.saturating_add(HYSTERESIS) > slot.entries[s].metric);
         if changed {
             self.stats.updates_changed += 1;
         }
@@ -986,7 +1011,7 @@ impl Router {
         // RFC 8966 §3.8.2.2: an unfeasible update for the selected route (or
         // when nothing is selected) asks the source for a new seqno.
         if !feasible {
-            let selected_elsewhere = self.routes[&key].selected.is_some() && !was_selected_here;
+            let selected_elsewhere = self.routes[&key].selected().is_some() && !was_selected_here;
             if !selected_elsewhere {
                 let want = self.sources.get(&(key, router_id)).map_or(seqno, |s| s.seqno.wrapping_add(1));
                 self.send_seqno_request(now, key, router_id, want, REQUEST_HOPS, vec![nbr]);
@@ -1014,7 +1039,7 @@ impl Router {
             return;
         }
         let Some(slot) = self.routes.get(&key) else { return };
-        let selected = slot.selected.map(|i| slot.entries[i].clone());
+        let selected = slot.selected().map(|i| slot.entries[i].clone());
         if let Some(e) = &selected
             && (e.router_id != router_id || !seqno_newer(seqno, e.seqno))
         {
@@ -1146,7 +1171,7 @@ impl Router {
             None => None,
             Some(_) => best_among(true),
         };
-        let current = slot.selected.filter(|&i| usable(&slot.entries[i]));
+        let current = slot.selected().filter(|&i| usable(&slot.entries[i]));
         let choice = match (current, best) {
             (Some(c), Some(b)) => {
                 let (cm, bm) = (slot.entries[c].metric, slot.entries[b].metric);
@@ -1160,8 +1185,8 @@ impl Router {
             Installed::new(e, slot.next_hop(e.nbr, self.neighbours[&e.nbr].addr))
         });
         let slot = self.routes.get_mut(&key).expect("slot");
-        slot.selected = choice;
-        let before = std::mem::replace(&mut slot.installed, after.clone());
+        slot.set_selected(choice);
+        let before = slot.replace_installed(after.clone());
         let empty = slot.entries.is_empty();
         match (&before, &after) {
             (_, Some(a)) => {
@@ -1252,7 +1277,7 @@ impl Router {
         let interval = self.announced_interval(iface);
         let (router_id, seqno, metric) = if self.xroutes.contains(key) {
             (self.id, self.seqno, 0)
-        } else if let Some(e) = self.routes.get(key).and_then(|s| s.selected.map(|i| &s.entries[i])) {
+        } else if let Some(e) = self.routes.get(key).and_then(|s| s.selected().map(|i| &s.entries[i])) {
             (e.router_id, e.seqno, e.metric)
         } else {
             (self.id, self.seqno, INFINITY)
@@ -1290,7 +1315,7 @@ impl Router {
         {
             // Nothing it carries changed, and its sources were noted with
             // these very values: only sending is left.
-            out_entry(&mut self.out, iface, dst).extend(f.msgs.iter().cloned());
+            out_entry(&mut self.out, iface, dst).push(Queued::Full(f.msgs.clone()));
             return;
         }
         // What `send_updates` would send for our prefixes and then every
@@ -1303,7 +1328,7 @@ impl Router {
             msgs.push((*key, self.update_message(key, iface)));
         }
         for (key, slot) in &self.routes {
-            let Some(i) = slot.selected else { continue };
+            let Some(i) = slot.selected() else { continue };
             let (router_id, seqno, metric) = if ours.contains(key) {
                 (self.id, self.seqno, 0)
             } else {
@@ -1315,8 +1340,10 @@ impl Router {
         for (key, msg) in &msgs {
             self.note_sent(now, key, msg);
         }
-        let msgs: Vec<Message> = msgs.into_iter().map(|(_, m)| m).collect();
-        out_entry(&mut self.out, iface, dst).extend(msgs.iter().cloned());
+        let msgs: Arc<[Message]> = msgs.into_iter().map(|(_, m)| m).collect();
+        out_entry(&mut self.out, iface, dst).push(Queued::Full(msgs.clone()));
+        // The previous one's encoding is of no more use.
+        self.encoded = None;
         self.full_update = Some(FullUpdate { generation: self.generation, interval, noted: now, msgs });
     }
 
@@ -1328,7 +1355,7 @@ impl Router {
             self.note_sent(now, key, &msg);
             msgs.push(msg);
         }
-        out_entry(&mut self.out, iface, dst).extend(msgs);
+        out_entry(&mut self.out, iface, dst).extend(msgs.into_iter().map(Queued::Msg));
     }
 
     fn send_hello(&mut self, now: Instant, iface: IfaceId) {
@@ -1345,7 +1372,7 @@ impl Router {
             interval: centis(cfg.hello_interval),
             timestamp: cfg.rtt.map(|_| ts),
         };
-        let mut ihus = Vec::new();
+        let mut ihus = Vec::with_capacity(if with_ihu { i.nbrs.len() } else { 0 });
         if with_ihu {
             let ihu_interval = centis(cfg.hello_interval * u32::from(cfg.ihu_every()));
             // The interface's own list: scanning every neighbour for it cost
@@ -1392,7 +1419,7 @@ impl Router {
     }
 
     fn queue(&mut self, iface: IfaceId, dst: Destination, m: Message) {
-        out_entry(&mut self.out, iface, dst).push(m);
+        out_entry(&mut self.out, iface, dst).push(Queued::Msg(m));
     }
 
     /// Turns queued messages, and triggered updates once due, into datagrams.
@@ -1414,11 +1441,28 @@ impl Router {
         }
         let mut out = std::mem::take(&mut self.out);
         out.sort_unstable_by_key(|(k, _)| *k);
-        for ((iface, dst), msgs) in out.drain(..) {
+        for ((iface, dst), queued) in out.drain(..) {
             let Some(i) = self.ifaces.get(&iface) else { continue };
-            let mut b = PacketBuilder::new(i.cfg.mtu);
-            for m in &msgs {
-                b.push(m);
+            let mtu = i.cfg.mtu;
+            let mut b = PacketBuilder::new(mtu);
+            for q in &queued {
+                match q {
+                    Queued::Msg(m) => b.push(m),
+                    Queued::Full(msgs) if b.is_empty() => match &self.encoded {
+                        Some(e) if e.mtu == mtu && Arc::ptr_eq(&e.msgs, msgs) => b = e.builder.clone(),
+                        _ => {
+                            for m in msgs.iter() {
+                                b.push(m);
+                            }
+                            self.encoded = Some(Encoded { msgs: msgs.clone(), mtu, builder: b.clone() });
+                        }
+                    },
+                    Queued::Full(msgs) => {
+                        for m in msgs.iter() {
+                            b.push(m);
+                        }
+                    }
+                }
             }
             for payload in b.finish() {
                 self.stats.packets_out += 1;
@@ -1467,7 +1511,16 @@ impl Router {
                 }
             }
             Timer::Neighbour(id) => {
-                if self.neighbours.get(&id).is_some_and(|n| n.scheduled == Some(at)) {
+                let Some(n) = self.neighbours.get_mut(&id) else { return };
+                if n.scheduled != Some(at) {
+                    return;
+                }
+                if n.settled(now) {
+                    // A Hello or IHU moved the deadline this was set for:
+                    // what `check_neighbour` would do comes to this.
+                    n.scheduled = None;
+                    self.schedule_neighbour(id);
+                } else {
                     self.check_neighbour(now, id);
                 }
             }
@@ -1571,7 +1624,7 @@ impl Router {
 /// The source prefix of an IPv6 route's TLV; `None` if it is an IPv4 one
 /// (a mismatch the mesh ignores).
 /// The messages waiting in `out` for `(iface, dst)`.
-fn out_entry(out: &mut Vec<Outgoing>, iface: IfaceId, dst: Destination) -> &mut Vec<Message> {
+fn out_entry(out: &mut Vec<Outgoing>, iface: IfaceId, dst: Destination) -> &mut Vec<Queued> {
     let at = match out.iter().position(|(k, _)| *k == (iface, dst)) {
         Some(at) => at,
         None => {

@@ -65,6 +65,35 @@ fn two_out_of_three_and_late_hellos() {
     assert_eq!(m.rxcost(&cfg), 96);
 }
 
+/// A neighbour is settled (its timer has nothing to recompute) only while
+/// no deadline is due and its RTT sample still counts; the RTT penalty,
+/// computed with the sample, stops counting with it.
+#[test]
+fn settled_neighbours_have_nothing_due() {
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    let cfg = InterfaceConfig::new(LinkKind::Tunnel, ll(1));
+    let mut n = Neighbour::new(0, ll(2), t0);
+    for seqno in 1..=3 {
+        n.hello(t0, seqno, 400, None);
+    }
+    n.ihu(t0, 96, 400, Some(Duration::from_millis(65)), &cfg);
+    // 96 + 96 × (65 − 10) / (120 − 10) for the 65 ms RTT.
+    assert_eq!(n.cost(t0, &cfg), 96 + 48);
+    assert!(n.settled(t0 + s(5)));
+    assert!(!n.settled(t0 + s(6)), "the Hello due at +6 s");
+    // Hellos and IHUs without RTT samples keep it up; the sample ages.
+    let mut t = t0;
+    for seqno in 4..=53 {
+        t += s(4);
+        n.hello(t, seqno, 400, None);
+        n.ihu(t, 96, 400, None, &cfg);
+        assert_eq!(n.settled(t + s(1)), t + s(1) < t0 + s(180), "at {:?}", t - t0);
+        let penalty = if t < t0 + s(180) { 48 } else { 0 };
+        assert_eq!(n.cost(t, &cfg), 96 + penalty, "at {:?}", t - t0);
+    }
+}
+
 #[test]
 fn hello_gaps_at_the_edges_of_the_window() {
     // Regression (cargo fuzz): a gap of exactly 16 missed Hellos shifted a
@@ -242,6 +271,8 @@ fn ticks_never_expire_an_entry_early() {
 #[test]
 fn route_entries_stay_small() {
     assert!(std::mem::size_of::<super::tables::RouteEntry>() <= 24);
+    // One per destination, in the hash table's buckets (see `Slot`).
+    assert!(std::mem::size_of::<super::tables::Slot>() <= 144);
 }
 
 /// Drives `r` to `until` in steps, running its timers; returns the
@@ -368,6 +399,66 @@ fn reused_full_updates_carry_route_changes() {
     let (sent, _) = p.run(&mut r, t, Duration::from_secs(34), None);
     let m = metrics(&sent);
     assert!(m.len() >= 2 && m.iter().all(|&x| x == 396), "{m:?}");
+}
+
+/// A full update is encoded once per MTU and copied to the next
+/// interface: every queue gives the bytes a fresh encoding of its messages
+/// gives, with the full update alone or between other messages, on
+/// interfaces of two MTUs, and again from the copy in a later flush.
+#[test]
+fn shared_full_updates_encode_as_fresh_ones_do() {
+    let t0 = Instant::now();
+    let mut r = router(t0);
+    for (iface, mtu) in [(1, 1400), (2, 1400), (3, 300)] {
+        let mut c = InterfaceConfig::new(LinkKind::Wired, ll(1));
+        c.mtu = mtu;
+        r.add_interface(t0, iface, c);
+    }
+    let mut p = Peer { addr: ll(2), seqno: 0 };
+    for _ in 0..3 {
+        p.hello(&mut r, t0);
+    }
+    let updates: Vec<Message> = (0..150).map(|i| update(&format!("fd00:{i:x}::/64"), 1, 100, 1600)).collect();
+    for chunk in updates.chunks(40) {
+        r.handle_packet(t0, 0, ll(2), &packet(chunk));
+    }
+    while r.poll_transmit().is_some() {}
+    let other = |n: u32| Message::AckReq { opaque: n as u16, interval: 100 };
+    let fresh = |r: &Router| -> Vec<Transmit> {
+        let mut out = r.out.clone();
+        out.sort_unstable_by_key(|(k, _)| *k);
+        let mut all = Vec::new();
+        for ((iface, dst), queued) in out {
+            let mut b = PacketBuilder::new(r.ifaces[&iface].cfg.mtu);
+            for q in &queued {
+                match q {
+                    Queued::Msg(m) => b.push(m),
+                    Queued::Full(msgs) => msgs.iter().for_each(|m| b.push(m)),
+                }
+            }
+            all.extend(b.finish().into_iter().map(|payload| Transmit { iface, dst, payload }));
+        }
+        all
+    };
+    for round in 0..2 {
+        let t = t0 + Duration::from_secs(1 + round);
+        r.flush_at = None;
+        let multi = Destination::Multicast;
+        r.send_full_update(t, 1, multi);
+        r.queue(2, multi, other(1));
+        r.send_full_update(t, 2, multi);
+        r.queue(2, multi, other(2));
+        r.send_full_update(t, 3, multi);
+        r.send_full_update(t, 0, Destination::Unicast(ll(2)));
+        r.queue(0, Destination::Unicast(ll(2)), other(3));
+        let want = fresh(&r);
+        r.flush(t);
+        let got: Vec<Transmit> = std::iter::from_fn(|| r.poll_transmit()).collect();
+        assert_eq!(got, want, "round {round}");
+        let packets_on = |i: IfaceId| got.iter().filter(|x| x.iface == i).count();
+        assert!(packets_on(1) >= 2 && packets_on(3) > packets_on(1), "spans packets: {}", got.len());
+        assert!(r.encoded.is_some());
+    }
 }
 
 proptest::proptest! {

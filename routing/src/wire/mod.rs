@@ -558,7 +558,7 @@ fn addr_ae(a: &IpAddr) -> (u8, Vec<u8>) {
 /// when they change, and cuts the result into packets of at most `mtu`
 /// bytes of UDP payload. Emits no prefix compression and never more than one
 /// sub-TLV per TLV (babeld 1.12.1 mis-parses more).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct PacketBuilder {
     mtu: usize,
     packets: Vec<Vec<u8>>,
@@ -648,7 +648,9 @@ impl PacketBuilder {
             self.flush_current();
         }
         if self.current.is_empty() {
-            self.current.reserve(64);
+            // A Hello with its IHUs is up to a few hundred bytes: one
+            // allocation, not four growing ones.
+            self.current.reserve(self.mtu);
             self.current.extend([tlv::MAGIC, tlv::VERSION, 0, 0]);
         }
         &mut self.current
