@@ -5,13 +5,13 @@
 //! WireGuard session per peer. netsim drives this same core with simulated
 //! tunnels.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv6Net;
 use sixmesh_routing::BABEL_PORT;
-use sixmesh_routing::core::{Destination, Event, InterfaceConfig, LinkKind, Router, RttConfig};
+use sixmesh_routing::core::{Destination, Event, FxMap, InterfaceConfig, LinkKind, Router, RttConfig};
 use sixmesh_routing::wire::RouterId;
 
 use crate::fib::Fib;
@@ -157,8 +157,10 @@ pub struct NodeCore {
     /// How many destinations Babel routes through each peer (kept with the
     /// FIB; the tunnel manager's refresh drops the tunnel carrying fewest).
     route_counts: BTreeMap<PeerId, usize>,
-    tunnels: BTreeMap<PeerId, Tunnel>,
-    by_id: HashMap<TunnelId, PeerId>,
+    /// Looked up for every packet: hashed (iterated in peer order where
+    /// the order shows).
+    tunnels: FxMap<PeerId, Tunnel>,
+    by_id: FxMap<TunnelId, PeerId>,
     next_id: TunnelId,
     outputs: VecDeque<Output>,
     events: VecDeque<NodeEvent>,
@@ -194,8 +196,8 @@ impl NodeCore {
             manager,
             fib: Fib::new(),
             route_counts: BTreeMap::new(),
-            tunnels: BTreeMap::new(),
-            by_id: HashMap::new(),
+            tunnels: FxMap::default(),
+            by_id: FxMap::default(),
             next_id: 1,
             outputs: VecDeque::new(),
             events: VecDeque::new(),
@@ -225,9 +227,12 @@ impl NodeCore {
         self.drops
     }
 
-    /// Per-tunnel counters.
+    /// Per-tunnel counters, by peer.
     pub fn tunnel_counters(&self) -> impl Iterator<Item = (PeerId, TunnelCounters)> + '_ {
-        self.tunnels.iter().map(|(p, t)| (*p, t.counters))
+        let mut all: Vec<(PeerId, TunnelCounters)> =
+            self.tunnels.iter().map(|(p, t)| (*p, t.counters)).collect();
+        all.sort_unstable_by_key(|(p, _)| *p);
+        all.into_iter()
     }
 
     /// The peer the route to `dst` goes through, if any.
@@ -449,9 +454,11 @@ impl NodeCore {
         self.send(peer, p);
     }
 
-    /// Tunnel neighbours that speak Babel (and gossip), and whether each is up.
+    /// Tunnel neighbours that speak Babel (and gossip), by prefix.
     pub fn babel_peers(&self) -> impl Iterator<Item = PeerId> + '_ {
-        self.tunnels.iter().filter(|(_, t)| !t.fixed).map(|(p, _)| *p)
+        let mut all: Vec<PeerId> = self.tunnels.iter().filter(|(_, t)| !t.fixed).map(|(p, _)| *p).collect();
+        all.sort_unstable();
+        all.into_iter()
     }
 
     /// When [`NodeCore::handle_timeout`] should run next.
@@ -505,12 +512,13 @@ impl NodeCore {
     /// them, so that the manager replaces them.
     fn close_silent_tunnels(&mut self, now: Instant) {
         let limit = (self.cfg.hello_interval * 10).max(Duration::from_secs(5));
-        let dead: Vec<PeerId> = self
+        let mut dead: Vec<PeerId> = self
             .tunnels
             .iter()
             .filter(|(_, t)| !t.fixed && now.saturating_duration_since(t.last_rx) > limit)
             .map(|(p, _)| *p)
             .collect();
+        dead.sort_unstable();
         for peer in dead {
             tracing::info!(%peer, "tunnel silent for {limit:?}: closing it");
             self.events.push_back(NodeEvent::Manager(Action::Disconnect { peer, reason: "silent" }));

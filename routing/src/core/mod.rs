@@ -283,7 +283,9 @@ pub struct Router {
     seqno: u16,
     epoch: Instant,
     rng: u64,
-    ifaces: BTreeMap<IfaceId, Iface>,
+    /// Looked up for every packet in and out: hashed (iterated in id
+    /// order where the order shows).
+    ifaces: FxMap<IfaceId, Iface>,
     neighbours: FxMap<u32, Neighbour>,
     by_addr: FxMap<(IfaceId, Ipv6Addr), u32>,
     next_nbr: u32,
@@ -347,7 +349,7 @@ impl Router {
             seqno,
             epoch: now,
             rng: u64::from_be_bytes(id.0) | 1,
-            ifaces: BTreeMap::new(),
+            ifaces: FxMap::default(),
             neighbours: FxMap::default(),
             by_addr: FxMap::default(),
             next_nbr: 0,
@@ -459,7 +461,10 @@ impl Router {
 
     /// The interfaces and their settings.
     pub fn interfaces(&self) -> impl Iterator<Item = (IfaceId, &InterfaceConfig)> {
-        self.ifaces.iter().map(|(id, i)| (*id, &i.cfg))
+        let mut all: Vec<(IfaceId, &InterfaceConfig)> =
+            self.ifaces.iter().map(|(id, i)| (*id, &i.cfg)).collect();
+        all.sort_unstable_by_key(|(id, _)| *id);
+        all.into_iter()
     }
 
     /// Originates a route to `prefix` (from `src`, if source-specific).
@@ -1427,7 +1432,8 @@ impl Router {
         if self.flush_at.is_some_and(|t| t <= now) {
             self.flush_at = None;
             let keys: Vec<RouteKey> = std::mem::take(&mut self.triggered).into_iter().collect();
-            let ifaces: Vec<IfaceId> = self.ifaces.keys().copied().collect();
+            let mut ifaces: Vec<IfaceId> = self.ifaces.keys().copied().collect();
+            ifaces.sort_unstable();
             for &iface in &ifaces {
                 self.send_updates(now, iface, Destination::Multicast, &keys);
             }
