@@ -256,6 +256,12 @@ struct Pending {
 /// Messages waiting to be sent to a destination on an interface.
 type Outgoing = ((IfaceId, Destination), Vec<Queued>);
 
+/// Emptied queues longer than this are freed, not kept (a Hello and the
+/// IHUs of twenty tunnels' neighbours fit)...
+const SPARE_QUEUE_MAX: usize = 32;
+/// ... and at most this many (a flush has one or two queues, seldom more).
+const SPARE_QUEUES: usize = 4;
+
 /// What waits in an outgoing queue.
 #[derive(Clone, Debug)]
 enum Queued {
@@ -318,6 +324,9 @@ pub struct Router {
     /// destination (a few at a time: a vector, kept for its allocation,
     /// sorted when flushed so that datagrams go out in a fixed order).
     out: Vec<Outgoing>,
+    /// Emptied queues, kept for the next ones (a Hello and its IHUs took
+    /// an allocation each).
+    spare_queues: Vec<Vec<Queued>>,
     /// The messages of the packet being handled (kept for its allocation).
     decoded: wire::Decoded,
     /// No route entry expires before this (a lower bound: refreshed entries
@@ -368,6 +377,7 @@ impl Router {
             plain_lens: BTreeMap::new(),
             specific: BTreeSet::new(),
             out: Vec::new(),
+            spare_queues: Vec::new(),
             decoded: wire::Decoded::default(),
             min_expiry: Ticks::MAX,
             generation: 0,
@@ -539,6 +549,7 @@ impl Router {
         self.cost_cache = None;
         self.expiry_cache = None;
         self.flush(now);
+        self.drop_stale_timers();
     }
 
     /// Brings into the cache, ahead of handling them, the table entries a
@@ -570,6 +581,22 @@ impl Router {
             self.fire(now, self.instant(at), timer);
         }
         self.flush(now);
+        self.drop_stale_timers();
+    }
+
+    /// Pops the neighbour timers at the top of the heap that a moved
+    /// deadline replaced (they would do nothing when they fire), so that
+    /// [`Router::poll_timeout`] does not wake the driver for them: every
+    /// Hello moves its neighbour's deadline, and these wake-ups were half
+    /// of a node's.
+    fn drop_stale_timers(&mut self) {
+        while let Some(Reverse((at, _, Timer::Neighbour(id)))) = self.timers.peek().copied() {
+            let at = self.instant(at);
+            if self.neighbours.get(&id).is_some_and(|n| n.scheduled == Some(at)) {
+                break;
+            }
+            self.timers.pop();
+        }
     }
 
     /// When [`Router::handle_timeout`] should next be called.
@@ -808,10 +835,13 @@ impl Router {
         self.schedule_neighbour(id);
     }
 
+    /// Keeps one live timer per neighbour, at its next deadline: a timer
+    /// set for an older deadline is left in the heap, stale (see
+    /// [`Router::drop_stale_timers`]).
     fn schedule_neighbour(&mut self, id: u32) {
         let Some(n) = self.neighbours.get_mut(&id) else { return };
         let Some(next) = n.next_deadline() else { return };
-        if n.scheduled.is_none_or(|s| next < s) {
+        if n.scheduled != Some(next) {
             n.scheduled = Some(next);
             self.schedule(next, Timer::Neighbour(id));
         }
@@ -1320,7 +1350,8 @@ impl Router {
         {
             // Nothing it carries changed, and its sources were noted with
             // these very values: only sending is left.
-            out_entry(&mut self.out, iface, dst).push(Queued::Full(f.msgs.clone()));
+            let msgs = f.msgs.clone();
+            self.out_entry(iface, dst).push(Queued::Full(msgs));
             return;
         }
         // What `send_updates` would send for our prefixes and then every
@@ -1346,7 +1377,7 @@ impl Router {
             self.note_sent(now, key, msg);
         }
         let msgs: Arc<[Message]> = msgs.into_iter().map(|(_, m)| m).collect();
-        out_entry(&mut self.out, iface, dst).push(Queued::Full(msgs.clone()));
+        self.out_entry(iface, dst).push(Queued::Full(msgs.clone()));
         // The previous one's encoding is of no more use.
         self.encoded = None;
         self.full_update = Some(FullUpdate { generation: self.generation, interval, noted: now, msgs });
@@ -1360,7 +1391,7 @@ impl Router {
             self.note_sent(now, key, &msg);
             msgs.push(msg);
         }
-        out_entry(&mut self.out, iface, dst).extend(msgs.into_iter().map(Queued::Msg));
+        self.out_entry(iface, dst).extend(msgs.into_iter().map(Queued::Msg));
     }
 
     fn send_hello(&mut self, now: Instant, iface: IfaceId) {
@@ -1423,8 +1454,21 @@ impl Router {
             self.ifaces.values().map(|i| i.cfg.hello_interval).min().unwrap_or(Duration::from_secs(4));
     }
 
+    /// The queue of messages for `dst` on `iface`.
+    fn out_entry(&mut self, iface: IfaceId, dst: Destination) -> &mut Vec<Queued> {
+        let at = match self.out.iter().position(|(k, _)| *k == (iface, dst)) {
+            Some(at) => at,
+            None => {
+                let q = self.spare_queues.pop().unwrap_or_default();
+                self.out.push(((iface, dst), q));
+                self.out.len() - 1
+            }
+        };
+        &mut self.out[at].1
+    }
+
     fn queue(&mut self, iface: IfaceId, dst: Destination, m: Message) {
-        out_entry(&mut self.out, iface, dst).push(Queued::Msg(m));
+        self.out_entry(iface, dst).push(Queued::Msg(m));
     }
 
     /// Turns queued messages, and triggered updates once due, into datagrams.
@@ -1447,7 +1491,7 @@ impl Router {
         }
         let mut out = std::mem::take(&mut self.out);
         out.sort_unstable_by_key(|(k, _)| *k);
-        for ((iface, dst), queued) in out.drain(..) {
+        for ((iface, dst), mut queued) in out.drain(..) {
             let Some(i) = self.ifaces.get(&iface) else { continue };
             let mtu = i.cfg.mtu;
             let mut b = PacketBuilder::new(mtu);
@@ -1474,6 +1518,10 @@ impl Router {
                 self.stats.packets_out += 1;
                 self.stats.bytes_out += payload.len() as u64;
                 self.transmits.push_back(Transmit { iface, dst, payload });
+            }
+            queued.clear();
+            if queued.capacity() <= SPARE_QUEUE_MAX && self.spare_queues.len() < SPARE_QUEUES {
+                self.spare_queues.push(queued);
             }
         }
         // Nothing was queued meanwhile: keep the allocation.
@@ -1629,18 +1677,6 @@ impl Router {
 
 /// The source prefix of an IPv6 route's TLV; `None` if it is an IPv4 one
 /// (a mismatch the mesh ignores).
-/// The messages waiting in `out` for `(iface, dst)`.
-fn out_entry(out: &mut Vec<Outgoing>, iface: IfaceId, dst: Destination) -> &mut Vec<Queued> {
-    let at = match out.iter().position(|(k, _)| *k == (iface, dst)) {
-        Some(at) => at,
-        None => {
-            out.push(((iface, dst), Vec::new()));
-            out.len() - 1
-        }
-    };
-    &mut out[at].1
-}
-
 fn v6_src(src: Option<IpNet>) -> Option<Option<Ipv6Net>> {
     match src {
         None => Some(None),

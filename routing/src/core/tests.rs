@@ -401,6 +401,43 @@ fn reused_full_updates_carry_route_changes() {
     assert!(m.len() >= 2 && m.iter().all(|&x| x == 396), "{m:?}");
 }
 
+/// A Hello that moves its neighbour's deadline (1.5 s ahead, a Hello a
+/// second) leaves no wake-up behind for the old one: a driver that sleeps
+/// until `poll_timeout` is woken by the sweeps, not once per Hello heard
+/// (and the neighbour stays up).
+#[test]
+fn moved_neighbour_deadlines_wake_nobody() {
+    let t0 = Instant::now();
+    let mut r = Router::new(RouterId([2, 0, 0, 0, 0, 0, 0, 1]), 0, t0);
+    let mut c = InterfaceConfig::new(LinkKind::Wired, ll(1));
+    c.hello_interval = Duration::from_secs(600);
+    c.update_interval = Duration::from_secs(600);
+    r.add_interface(t0, 0, c);
+    let (mut wakeups, mut hellos) = (0, 0);
+    let mut next_hello = t0;
+    let end = t0 + Duration::from_secs(60);
+    while next_hello < end {
+        match r.poll_timeout() {
+            Some(t) if t < next_hello => {
+                r.handle_timeout(t);
+                wakeups += 1;
+            }
+            _ => {
+                hellos += 1;
+                let hello = Message::Hello { unicast: false, seqno: hellos, interval: 100, timestamp: None };
+                let ihu = Message::Ihu { rxcost: 96, interval: 300, addr: None, timestamps: None };
+                r.handle_packet(next_hello, 0, ll(2), &packet(&[hello, ihu]));
+                next_hello += Duration::from_secs(1);
+            }
+        }
+        while r.poll_transmit().is_some() {}
+    }
+    assert_eq!(hellos, 60);
+    // The route sweeps (every 10 s) and the source collection (60 s).
+    assert!(wakeups <= 10, "{wakeups} wake-ups for {hellos} Hellos");
+    assert_eq!(r.neighbours(next_hello).iter().filter(|n| n.cost < INFINITY).count(), 1);
+}
+
 /// A full update is encoded once per MTU and copied to the next
 /// interface: every queue gives the bytes a fresh encoding of its messages
 /// gives, with the full update alone or between other messages, on
