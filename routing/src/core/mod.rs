@@ -1498,18 +1498,20 @@ impl Router {
             for q in &queued {
                 match q {
                     Queued::Msg(m) => b.push(m),
-                    Queued::Full(msgs) if b.is_empty() => match &self.encoded {
-                        Some(e) if e.mtu == mtu && Arc::ptr_eq(&e.msgs, msgs) => b = e.builder.clone(),
-                        _ => {
-                            for m in msgs.iter() {
-                                b.push(m);
-                            }
-                            self.encoded = Some(Encoded { msgs: msgs.clone(), mtu, builder: b.clone() });
-                        }
-                    },
                     Queued::Full(msgs) => {
-                        for m in msgs.iter() {
-                            b.push(m);
+                        // Only what starts a datagram encodes alike everywhere.
+                        let first = b.is_empty();
+                        match &self.encoded {
+                            Some(e) if first && e.mtu == mtu && Arc::ptr_eq(&e.msgs, msgs) => {
+                                b = e.builder.clone()
+                            }
+                            _ => {
+                                msgs.iter().for_each(|m| b.push(m));
+                                if first {
+                                    self.encoded =
+                                        Some(Encoded { msgs: msgs.clone(), mtu, builder: b.clone() });
+                                }
+                            }
                         }
                     }
                 }
@@ -1565,16 +1567,9 @@ impl Router {
                 }
             }
             Timer::Neighbour(id) => {
-                let Some(n) = self.neighbours.get_mut(&id) else { return };
-                if n.scheduled != Some(at) {
-                    return;
-                }
-                if n.settled(now) {
-                    // A Hello or IHU moved the deadline this was set for:
-                    // what `check_neighbour` would do comes to this.
-                    n.scheduled = None;
-                    self.schedule_neighbour(id);
-                } else {
+                // A stale one (its deadline moved since) does nothing; the
+                // live one is at a deadline now due.
+                if self.neighbours.get(&id).is_some_and(|n| n.scheduled == Some(at)) {
                     self.check_neighbour(now, id);
                 }
             }

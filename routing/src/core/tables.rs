@@ -109,7 +109,7 @@ impl Neighbour {
         self.ihu_deadline = Some(now + interval * 7 / 2);
         self.last_heard = now;
         if let (Some(sample), Some(rc)) = (rtt, cfg.rtt) {
-            let valid = self.rtt_time.is_some_and(|t| now.saturating_duration_since(t) < RTT_VALID);
+            let valid = self.rtt_fresh(now);
             self.rtt = Some(match self.rtt {
                 Some(old) if valid => {
                     let us = (u128::from(rc.decay) * sample.as_micros()
@@ -155,14 +155,9 @@ impl Neighbour {
             .min()
     }
 
-    /// Whether nothing about it can change at `now` without a packet from
-    /// it: no Hello or IHU deadline and no silence limit is due, and the
-    /// RTT sample is still valid. A neighbour's timer set for a deadline
-    /// that a Hello has since moved finds it so, and need not recompute
-    /// its cost (which could only change by the RTT sample aging).
-    pub fn settled(&self, now: Instant) -> bool {
-        self.next_deadline().is_some_and(|d| d > now)
-            && self.rtt_time.is_none_or(|t| now.saturating_duration_since(t) < RTT_VALID)
+    /// Whether an RTT sample was taken less than [`RTT_VALID`] ago.
+    fn rtt_fresh(&self, now: Instant) -> bool {
+        self.rtt_time.is_some_and(|t| now.saturating_duration_since(t) < RTT_VALID)
     }
 
     /// Our cost of receiving from this neighbour: 2-out-of-3.
@@ -170,15 +165,11 @@ impl Neighbour {
         if (self.reach & 0xE000).count_ones() >= 2 { cfg.cost } else { INFINITY }
     }
 
-    /// The RTT penalty, while the last sample is recent. An interface's
-    /// RTT parameters never change, so the one computed with the sample
-    /// still holds.
-    fn rtt_cost(&self, now: Instant, cfg: &InterfaceConfig) -> u16 {
-        let (Some(_), Some(_), Some(t)) = (cfg.rtt, self.rtt, self.rtt_time) else { return 0 };
-        if now.saturating_duration_since(t) >= RTT_VALID {
-            return 0;
-        }
-        self.rtt_penalty
+    /// The RTT penalty, while the last sample is recent: computed with the
+    /// sample (samples are only taken on interfaces with RTT parameters,
+    /// which never change).
+    fn rtt_cost(&self, now: Instant) -> u16 {
+        if self.rtt_fresh(now) { self.rtt_penalty } else { 0 }
     }
 
     /// Link cost: the neighbour's view of our Hellos (txcost) if we hear it
@@ -187,7 +178,7 @@ impl Neighbour {
         if self.rxcost(cfg) == INFINITY || self.txcost == INFINITY {
             return INFINITY;
         }
-        add_metric(self.txcost, self.rtt_cost(now, cfg)).min(INFINITY - 1)
+        add_metric(self.txcost, self.rtt_cost(now)).min(INFINITY - 1)
     }
 
     pub fn info(&self, now: Instant, cfg: &InterfaceConfig) -> NeighbourInfo {
@@ -198,7 +189,7 @@ impl Neighbour {
             rxcost: self.rxcost(cfg),
             txcost: self.txcost,
             rtt_ms: self.rtt.map(|d| d.as_secs_f64() * 1000.0),
-            rtt_cost: self.rtt_cost(now, cfg),
+            rtt_cost: self.rtt_cost(now),
             cost: self.cost(now, cfg),
         }
     }
