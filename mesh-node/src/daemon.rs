@@ -1103,6 +1103,11 @@ impl Daemon {
                 "Received Babel updates that changed the route table (the rest only refreshed it).",
                 b.updates_changed,
             ),
+            (
+                "babel_updates_repeated_total",
+                "Received Babel updates in datagrams that repeated earlier ones, refreshed without being handled one by one.",
+                b.updates_repeated,
+            ),
         ] {
             metric(name, help, "counter", &[(String::new(), v as f64)]);
         }

@@ -306,6 +306,9 @@ fn garbage_on_the_tunnel_port_is_counted_and_harmless() {
         (st["babel"]["updates_in"].as_u64().unwrap(), st["babel"]["updates_changed"].as_u64().unwrap());
     assert!(updates >= 1 && changed >= 1 && changed <= updates, "{st}");
     assert!(metrics.contains("sixmesh_babel_updates_received_total "), "{metrics}");
+    let repeated = st["babel"]["updates_repeated"].as_u64().expect("updates_repeated in the status");
+    assert!(repeated <= updates, "{st}");
+    assert!(metrics.contains("sixmesh_babel_updates_repeated_total "), "{metrics}");
     assert!(metrics.contains("sixmesh_babel_packets_total{dir=\"in\"} "), "{metrics}");
 }
 

@@ -9,6 +9,7 @@
 //! the same outputs.
 
 mod fxhash;
+mod repeats;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -22,7 +23,8 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv6Net};
 
 pub use self::fxhash::{FxBuildHasher, FxHasher, FxMap};
-use self::tables::{Installed, Neighbour, RouteEntry, Slot, Source, Ticks};
+use self::repeats::Repeats;
+use self::tables::{Expiry, Installed, Neighbour, RouteEntry, Slot, Source, Ticks};
 pub use self::tables::{NeighbourInfo, RouteInfo, seqno_newer};
 use crate::wire::{self, INFINITY, Message, PacketBuilder, RequestTarget, RouterId};
 
@@ -171,6 +173,11 @@ pub struct Stats {
     /// metric, seqno, router-id or next hop, a retraction): the rest only
     /// refreshed an entry. A steady network changes almost nothing.
     pub updates_changed: u64,
+    /// Of the updates received, the ones refreshed in bulk: their chunk of
+    /// 8 updates (or their whole datagram, then not even decoded) repeated
+    /// one already handled, with nothing changed since. Only datagrams of
+    /// 16 updates or more: most of a large steady network's updates.
+    pub updates_repeated: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -184,6 +191,8 @@ enum Timer {
     SourceGc,
 }
 
+/// Datagrams of fewer updates are handled without groups (see `repeats`).
+const REPEATABLE_MIN: usize = 2 * repeats::CHUNK;
 /// How often route entries are checked for expiry (they are kept 3.5
 /// update intervals: this is a backstop, retractions and lost neighbours
 /// remove routes at once).
@@ -282,6 +291,14 @@ struct Encoded {
     builder: PacketBuilder,
 }
 
+/// What the chunk groups of a repeatable datagram share.
+struct Repeatable {
+    cost: u16,
+    interval: u16,
+    default_interval: Duration,
+    expires: Ticks,
+}
+
 /// The router. See the module documentation.
 #[derive(Debug)]
 pub struct Router {
@@ -332,6 +349,14 @@ pub struct Router {
     /// No route entry expires before this (a lower bound: refreshed entries
     /// only move away from it): the expiry sweep skips the table until then.
     min_expiry: Ticks,
+    /// The entries that datagrams of updates refreshed, to refresh them at
+    /// once when the same datagram comes again.
+    repeats: Repeats,
+    /// The group the packet being handled forms, if it may repeat.
+    forming: Option<u32>,
+    /// Whether repeated datagrams are refreshed at once (off in tests that
+    /// check it changes nothing).
+    repeat_shortcut: bool,
     /// Bumped whenever what a full update carries may change: a selected
     /// route, the destinations (their order too), our prefixes or seqno.
     generation: u64,
@@ -380,6 +405,9 @@ impl Router {
             spare_queues: Vec::new(),
             decoded: wire::Decoded::default(),
             min_expiry: Ticks::MAX,
+            repeats: Repeats::default(),
+            forming: None,
+            repeat_shortcut: true,
             generation: 0,
             full_update: None,
             encoded: None,
@@ -518,6 +546,18 @@ impl Router {
             self.stats.packets_dropped += 1;
             return;
         }
+        // A datagram of updates (it starts with a Router-Id, Next-Hop or
+        // Update TLV) may repeat one the neighbour sent before.
+        let hash = (self.repeat_shortcut && matches!(bytes.get(4), Some(6..=8)))
+            .then(|| repeats::datagram_hash(bytes));
+        if let Some(h) = hash
+            && let Some(&nbr) = self.by_addr.get(&(iface, src))
+            && self.refresh_datagram(now, nbr, h)
+        {
+            self.flush(now);
+            self.drop_stale_timers();
+            return;
+        }
         // One buffer for every packet's messages (no allocation per packet).
         let mut decoded = std::mem::take(&mut self.decoded);
         if let Err(e) = wire::decode_into(bytes, &mut decoded) {
@@ -535,21 +575,154 @@ impl Router {
                 packet_ts = Some(*t);
             }
         }
-        self.warm(nbr, &decoded.messages);
         self.cost_cache = None;
         self.expiry_cache = None;
         let from = {
             let n = &self.neighbours[&nbr];
             (n.iface, n.addr)
         };
-        for m in decoded.messages.drain(..) {
-            self.handle_message(now, nbr, from, m, packet_ts);
+        match hash.and_then(|h| self.repeatable(now, nbr, &decoded).map(|r| (h, r))) {
+            Some((h, r)) => self.handle_chunks(now, nbr, from, h, r, &decoded.messages),
+            None => {
+                self.warm(nbr, &decoded.messages);
+                for m in decoded.messages.drain(..) {
+                    self.handle_message(now, nbr, from, m, packet_ts);
+                }
+            }
         }
+        decoded.messages.clear();
         self.decoded = decoded;
         self.cost_cache = None;
         self.expiry_cache = None;
         self.flush(now);
         self.drop_stale_timers();
+    }
+
+    /// Handles a datagram that repeats, byte for byte, one `nbr` sent
+    /// before, if every chunk of it has a whole group and the link cost is
+    /// the same: then handling it again would only move those entries'
+    /// expiry (see `repeats`), and so does this, without decoding it. False
+    /// if the datagram must be handled (decoded, then chunk by chunk).
+    fn refresh_datagram(&mut self, now: Instant, nbr: u32, hash: u128) -> bool {
+        let Some(hits) = self.repeats.lookup_datagram(nbr, hash) else { return false };
+        let Some(n) = self.neighbours.get(&nbr) else { return false };
+        let Some(i) = self.ifaces.get(&n.iface) else { return false };
+        let cost = n.cost(now, &i.cfg);
+        if hits.iter().any(|h| h.cost != cost) {
+            return false;
+        }
+        let default = i.cfg.update_interval;
+        for hit in hits {
+            self.refresh_group(now, &hit, default);
+        }
+        true
+    }
+
+    /// Refreshes a group's entries, as handling their updates again would.
+    fn refresh_group(&mut self, now: Instant, hit: &repeats::Hit, default_interval: Duration) {
+        let expires = self.update_expiry(now, hit.interval, default_interval);
+        self.repeats.refresh(hit.group, expires);
+        self.min_expiry = self.min_expiry.min(expires);
+        self.stats.updates_in += u64::from(hit.members);
+        self.stats.updates_repeated += u64::from(hit.members);
+    }
+
+    /// When an entry refreshed now by an update announcing `interval`
+    /// expires (3.5 intervals; `default` if the update gives none).
+    fn update_expiry(&self, now: Instant, interval: u16, default: Duration) -> Ticks {
+        Ticks::ceil(self.epoch, now + interval_duration(interval, default) * 7 / 2)
+    }
+
+    /// Whether a datagram may repeat, chunk by chunk: only updates (no
+    /// retraction), at least [`REPEATABLE_MIN`], all with one interval,
+    /// nothing dropped. Gives what its
+    /// chunks' groups share: the link cost, the interval, the expiry.
+    fn repeatable(&self, now: Instant, nbr: u32, d: &wire::Decoded) -> Option<Repeatable> {
+        // Short datagrams are triggered updates, which seldom come again:
+        // their groups would only fill memory.
+        if d.errors != 0 || d.messages.len() < REPEATABLE_MIN {
+            return None;
+        }
+        let mut interval = None;
+        for m in &d.messages {
+            let Message::Update { prefix: Some(IpNet::V6(_)), src, metric, interval: i, .. } = m else {
+                return None;
+            };
+            if *metric == INFINITY || v6_src(*src).is_none() || interval.is_some_and(|x| x != *i) {
+                return None;
+            }
+            interval = Some(*i);
+        }
+        let interval = interval?;
+        let n = self.neighbours.get(&nbr)?;
+        let cfg = &self.ifaces.get(&n.iface)?.cfg;
+        Some(Repeatable {
+            cost: n.cost(now, cfg),
+            interval,
+            default_interval: cfg.update_interval,
+            expires: self.update_expiry(now, interval, cfg.update_interval),
+        })
+    }
+
+    /// Handles a repeatable datagram's updates [`repeats::CHUNK`] at a
+    /// time: a chunk whose group is whole is refreshed at once, the others
+    /// are handled and form groups; if every chunk ends with a whole group,
+    /// the datagram is filed for [`Router::refresh_datagram`].
+    fn handle_chunks(
+        &mut self,
+        now: Instant,
+        nbr: u32,
+        from: (IfaceId, Ipv6Addr),
+        hash: u128,
+        r: Repeatable,
+        msgs: &[Message],
+    ) {
+        let mut filed: Vec<(u32, u32)> = Vec::new();
+        let mut whole = true;
+        for chunk in msgs.chunks(repeats::CHUNK) {
+            // Our own routes echoed back are ignored, whatever the table
+            // holds (a full update carries the route to its receiver).
+            let members = chunk
+                .iter()
+                .filter(|m| !matches!(m, Message::Update { router_id, .. } if *router_id == self.id))
+                .count() as u32;
+            let ch = repeats::chunk_hash(chunk);
+            if let Some(g) = self.first_group(nbr, chunk)
+                && let Some(hit) = self.repeats.lookup(nbr, ch, g)
+                && hit.cost == r.cost
+            {
+                self.refresh_group(now, &hit, r.default_interval);
+                filed.push((hit.group, self.repeats.serial_of(hit.group)));
+                continue;
+            }
+            self.warm(nbr, chunk);
+            self.forming =
+                (members > 0).then(|| self.repeats.begin(nbr, ch, members, r.cost, r.interval, r.expires));
+            for m in chunk {
+                self.handle_message(now, nbr, from, m.clone(), None);
+            }
+            match self.forming.take().and_then(|g| self.repeats.finish(g)) {
+                Some(g) => filed.push(g),
+                None => whole &= members == 0,
+            }
+        }
+        if whole && !filed.is_empty() {
+            self.repeats.file_datagram(nbr, hash, &filed);
+        }
+    }
+
+    /// The group of the entry of a chunk's first update that is not our
+    /// own route echoed (if the chunk has a whole group, that entry is in
+    /// it).
+    fn first_group(&self, nbr: u32, chunk: &[Message]) -> Option<u32> {
+        let (prefix, src) = chunk.iter().find_map(|m| match m {
+            Message::Update { prefix: Some(IpNet::V6(p)), src, router_id, .. } if *router_id != self.id => {
+                Some((*p, *src))
+            }
+            _ => None,
+        })?;
+        let slot = self.routes.get(&(prefix, v6_src(src)?))?;
+        slot.entries.get(slot.position(nbr)?)?.expires.group_id()
     }
 
     /// Brings into the cache, ahead of handling them, the table entries a
@@ -718,7 +891,10 @@ impl Router {
 
     /// Removes `nbr`'s entry for `key`; true if there was one.
     fn remove_entry(&mut self, key: &RouteKey, nbr: u32) -> bool {
-        self.routes.get_mut(key).is_some_and(|slot| slot.remove_nbr(nbr))
+        let Some(slot) = self.routes.get_mut(key) else { return false };
+        let Some(i) = slot.position(nbr) else { return false };
+        self.repeats.detach(&mut slot.entries[i]);
+        slot.remove_nbr(nbr)
     }
 
     /// Keeps the prefix-length counts of learned destinations.
@@ -809,6 +985,12 @@ impl Router {
             let Some(i) = slot.position(id) else { continue };
             let old = slot.entries[i].metric;
             let new = add_metric(cost, slot.entries[i].refmetric);
+            // The entry leaves its group (a group is also checked against
+            // the link cost it formed with, but the cost used here may be
+            // another than the one its updates will be handled with).
+            if new != old {
+                self.repeats.detach(&mut slot.entries[i]);
+            }
             slot.entries[i].metric = new;
             // An entry that is not selected and gets worse, or better but not
             // by enough to win, changes nothing: skip the reselection (this
@@ -976,8 +1158,7 @@ impl Router {
         let expires = match self.expiry_cache {
             Some((id, i, t)) if id == nbr && i == interval => t,
             _ => {
-                let hold = interval_duration(interval, default_interval) * 7 / 2;
-                let t = Ticks::ceil(self.epoch, now + hold);
+                let t = self.update_expiry(now, interval, default_interval);
                 self.expiry_cache = Some((nbr, interval, t));
                 t
             }
@@ -998,7 +1179,11 @@ impl Router {
             && e.refmetric == refmetric
             && e.metric == metric
         {
-            e.expires = expires;
+            self.repeats.detach(e);
+            e.expires = Expiry::at(expires);
+            if let Some(g) = self.forming {
+                self.repeats.join(g, e);
+            }
             return;
         }
         let feasible = self.feasible(&key, router_id, seqno, refmetric);
@@ -1011,17 +1196,25 @@ impl Router {
         let changed = match slot.position(nbr) {
             Some(i) => {
                 let e = &mut slot.entries[i];
+                self.repeats.detach(e);
                 let changed = (e.router_id, e.seqno, e.refmetric, e.metric, old_next_hop)
                     != (router_id, seqno, refmetric, metric, next_hop);
                 e.router_id = router_id;
                 e.seqno = seqno;
                 e.refmetric = refmetric;
                 e.metric = metric;
-                e.expires = expires;
+                e.expires = Expiry::at(expires);
                 changed
             }
             None => {
-                slot.push(RouteEntry { nbr, router_id, seqno, refmetric, metric, expires });
+                slot.push(RouteEntry {
+                    nbr,
+                    router_id,
+                    seqno,
+                    refmetric,
+                    metric,
+                    expires: Expiry::at(expires),
+                });
                 true
             }
         };
@@ -1051,6 +1244,19 @@ impl Router {
                 let want = self.sources.get(&(key, router_id)).map_or(seqno, |s| s.seqno.wrapping_add(1));
                 self.send_seqno_request(now, key, router_id, want, REQUEST_HOPS, vec![nbr]);
             }
+        }
+        // The entry joins its datagram's group if the same update again
+        // would only refresh it.
+        if let Some(g) = self.forming
+            && let Some(slot) = self.routes.get_mut(&key)
+            && slot.selected().is_some()
+            && slot.next_hop(nbr, from) == next_hop
+            && let Some(i) = slot.position(nbr)
+            && let e = &mut slot.entries[i]
+            && (e.router_id, e.seqno, e.refmetric, e.metric, e.expires)
+                == (router_id, seqno, refmetric, metric, Expiry::at(expires))
+        {
+            self.repeats.join(g, e);
         }
     }
 
@@ -1221,6 +1427,13 @@ impl Router {
         });
         let slot = self.routes.get_mut(&key).expect("slot");
         slot.set_selected(choice);
+        if choice.is_none() {
+            // An update for a destination without a selection is handled in
+            // full (it may ask for a seqno): its entries leave their groups.
+            for e in &mut slot.entries {
+                self.repeats.detach(e);
+            }
+        }
         let before = slot.replace_installed(after.clone());
         let empty = slot.entries.is_empty();
         match (&before, &after) {
@@ -1585,10 +1798,11 @@ impl Router {
                     let mut min = Ticks::MAX;
                     for (k, slot) in &self.routes {
                         for e in &slot.entries {
-                            if e.expires <= now_ticks {
+                            let t = self.repeats.expires(e);
+                            if t <= now_ticks {
                                 expired.push((*k, e.nbr));
                             } else {
-                                min = min.min(e.expires);
+                                min = min.min(t);
                             }
                         }
                     }
@@ -1599,6 +1813,7 @@ impl Router {
                         self.reselect(now, key);
                     }
                 }
+                self.repeats.sweep();
                 let u = self.ifaces.values().map(|i| i.cfg.update_interval).min().unwrap_or(EXPIRY_SWEEP);
                 self.schedule(now + (u / 4).clamp(EXPIRY_SWEEP, EXPIRY_SWEEP_MAX), Timer::ExpireRoutes);
             }

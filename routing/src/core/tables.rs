@@ -245,7 +245,8 @@ pub struct RouteInfo {
 /// destination per neighbour (20,000 with 1,000 destinations over 20
 /// tunnels), so it is kept small: 24 bytes. Its next hop is the
 /// neighbour's address unless [`Slot::next_hop`] says otherwise, and it
-/// expires in [`Ticks`].
+/// expires at a time or with the repeated datagram it came in
+/// ([`Expiry`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct RouteEntry {
     pub nbr: u32,
@@ -253,7 +254,41 @@ pub(super) struct RouteEntry {
     pub seqno: u16,
     pub refmetric: u16,
     pub metric: u16,
-    pub expires: Ticks,
+    pub expires: Expiry,
+}
+
+/// When a route entry expires: at a time, or when the datagram group it
+/// belongs to does (see `repeats`: a datagram the neighbour repeats byte
+/// for byte refreshes all its entries at once). In one `u32`, so that an
+/// entry stays 24 bytes: the top bit tells which.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Expiry(u32);
+
+const GROUPED: u32 = 1 << 31;
+
+impl Expiry {
+    /// At `t` (times past 17 years from the epoch are taken as 17 years).
+    pub fn at(t: Ticks) -> Self {
+        Expiry(t.0.min(GROUPED - 1))
+    }
+
+    /// With group `g` (below 2^31).
+    pub fn group(g: u32) -> Self {
+        debug_assert!(g < GROUPED);
+        Expiry(GROUPED | g)
+    }
+
+    /// The group, if the entry expires with one.
+    #[inline]
+    pub fn group_id(self) -> Option<u32> {
+        (self.0 & GROUPED != 0).then_some(self.0 & !GROUPED)
+    }
+
+    /// The time, if the entry has its own.
+    #[inline]
+    pub fn ticks(self) -> Option<Ticks> {
+        (self.0 & GROUPED == 0).then_some(Ticks(self.0))
+    }
 }
 
 /// A time as quarter-seconds since the router's epoch (34 years fit), for

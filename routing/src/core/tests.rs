@@ -194,7 +194,7 @@ fn announced_prefix_is_sent_with_our_id_and_metric_0() {
 /// swap-removes, inline and past the inline part.
 #[test]
 fn slot_finds_every_neighbour_through_pushes_and_removals() {
-    use super::tables::{RouteEntry, Slot, Ticks};
+    use super::tables::{Expiry, RouteEntry, Slot, Ticks};
     let now = Instant::now();
     let entry = |nbr: u32| RouteEntry {
         nbr,
@@ -202,7 +202,7 @@ fn slot_finds_every_neighbour_through_pushes_and_removals() {
         seqno: 0,
         refmetric: 0,
         metric: 0,
-        expires: Ticks::ceil(now, now),
+        expires: Expiry::at(Ticks::ceil(now, now)),
     };
     // Every third neighbour's entry has a next hop of its own (its address
     // is `ll(nbr)`; the other hop `ll(1000 + nbr)`).
@@ -510,4 +510,296 @@ proptest::proptest! {
             proptest::prop_assert_eq!(tables::Ticks::ceil(epoch, t), tables::Ticks(ticks));
         }
     }
+}
+
+/// A small deterministic generator for the equivalence test (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One route a simulated neighbour announces (`None`: retracted).
+#[derive(Clone, Copy)]
+struct Announced {
+    router_id: RouterId,
+    seqno: u16,
+    metric: u16,
+}
+
+/// A neighbour of the equivalence test: its address, interface, table
+/// (prefix index -> route) and the interval its updates announce.
+struct Talker {
+    iface: IfaceId,
+    addr: Ipv6Addr,
+    hello_seqno: u16,
+    table: Vec<(usize, Option<Announced>)>,
+    interval: u16,
+    /// The last route changed, as it was before.
+    undo: Option<(usize, Option<Announced>)>,
+}
+
+const OWN_ID: RouterId = RouterId([2, 0, 0, 0, 0, 0, 0, 1]);
+
+fn talker_update(i: usize, a: Option<Announced>, interval: u16) -> Message {
+    let (router_id, seqno, metric) = match a {
+        Some(a) => (a.router_id, a.seqno, a.metric),
+        None => (RouterId([3, 0, 0, 0, 0, 0, 0, i as u8]), 0, INFINITY),
+    };
+    Message::Update {
+        prefix: Some(format!("fd00:{i:x}::/64").parse().unwrap()),
+        // Every seventh destination is source-specific.
+        src: (i % 7 == 3).then(|| "fd99::/48".parse().unwrap()),
+        router_id,
+        next_hop: None,
+        seqno,
+        metric,
+        interval,
+    }
+}
+
+impl Talker {
+    /// Its full update: the announced routes, in table order.
+    fn full(&self) -> Vec<Vec<u8>> {
+        let msgs: Vec<Message> = self
+            .table
+            .iter()
+            .filter(|(_, a)| a.is_some())
+            .map(|&(i, a)| talker_update(i, a, self.interval))
+            .collect();
+        if msgs.is_empty() { Vec::new() } else { wire::encode(&msgs, 1000) }
+    }
+
+    fn hello(&mut self, rxcost: u16) -> Vec<u8> {
+        self.hello_seqno = self.hello_seqno.wrapping_add(1);
+        let hello =
+            Message::Hello { unicast: false, seqno: self.hello_seqno, interval: 200, timestamp: None };
+        let ihu = Message::Ihu { rxcost, interval: 600, addr: None, timestamps: None };
+        packet(&[hello, ihu])
+    }
+}
+
+/// Everything a router shows outside, but the repeated-update count.
+fn observable(r: &mut Router, now: Instant) -> String {
+    let transmits: Vec<Transmit> = std::iter::from_fn(|| r.poll_transmit()).collect();
+    let events: Vec<Event> = std::iter::from_fn(|| r.poll_event()).collect();
+    let mut stats = r.stats();
+    stats.updates_repeated = 0;
+    format!(
+        "routes {:?}\nneighbours {:?}\ntransmits {transmits:?}\nevents {events:?}\nstats {stats:?}\ntimeout {:?}",
+        r.routes(),
+        r.neighbours(now),
+        r.poll_timeout()
+    )
+}
+
+/// Refreshing repeated datagrams and chunks by their groups changes
+/// nothing a router shows: two routers, one with the shortcut and one
+/// without, hear the same random sequences of full updates (repeated byte
+/// for byte, or with routes changed, retracted, reordered, re-timed, our
+/// own routes echoed), triggered updates, Hellos with changing link costs,
+/// losses and silences long enough to expire routes and neighbours, and
+/// must give the same routes, neighbours, packets, events, statistics and
+/// timers after every step. The shortcut must also have been taken.
+#[test]
+fn repeated_updates_refreshed_by_groups_change_nothing() {
+    let (mut repeated, mut handled) = (0, 0);
+    for seed in 0..12u64 {
+        let mut rng = Rng(seed);
+        let t0 = Instant::now();
+        let mut t = t0;
+        let mut fast = router(t0);
+        fast.add_interface(t0, 1, InterfaceConfig::new(LinkKind::Wired, ll(1)));
+        let mut slow = router(t0);
+        slow.add_interface(t0, 1, InterfaceConfig::new(LinkKind::Wired, ll(1)));
+        slow.repeat_shortcut = false;
+        let mut talkers: Vec<Talker> = (0..3)
+            .map(|p| Talker {
+                iface: if p == 2 { 1 } else { 0 },
+                addr: ll(2 + p as u16),
+                hello_seqno: 0,
+                // Destinations 0..60, each heard from one or two neighbours,
+                // all from the same originator whichever way.
+                table: (p * 12..p * 12 + 36)
+                    .map(|i| {
+                        let router_id =
+                            if i == 5 { OWN_ID } else { RouterId([3, 0, 0, 0, 0, 0, 0, i as u8]) };
+                        (i, Some(Announced { router_id, seqno: 1, metric: 96 + 32 * (p as u16) }))
+                    })
+                    .collect(),
+                interval: 400,
+                undo: None,
+            })
+            .collect();
+        let deliver = |fast: &mut Router, slow: &mut Router, t, iface, addr, bytes: &[u8], step: &str| {
+            fast.handle_packet(t, iface, addr, bytes);
+            slow.handle_packet(t, iface, addr, bytes);
+            let (a, b) = (observable(fast, t), observable(slow, t));
+            assert_eq!(a, b, "seed {seed}, {step}");
+        };
+        for p in &mut talkers {
+            for _ in 0..3 {
+                let h = p.hello(96);
+                deliver(&mut fast, &mut slow, t, p.iface, p.addr, &h, "first hellos");
+            }
+        }
+        for step in 0..300 {
+            let p = rng.below(3) as usize;
+            let what = rng.below(100);
+            let talker = &mut talkers[p];
+            let label = format!("step {step}, talker {p}, op {what}");
+            match what {
+                // The full update, every datagram or all but one.
+                0..=54 => {
+                    let lose = (rng.below(8) == 0).then(|| rng.below(4) as usize);
+                    for (k, d) in talker.full().iter().enumerate() {
+                        if lose != Some(k) {
+                            deliver(&mut fast, &mut slow, t, talker.iface, talker.addr, d, &label);
+                        }
+                    }
+                }
+                // A route changes, and a triggered update says so.
+                55..=69 => {
+                    // Often back to what it was before the last change (the
+                    // same chunks come again, their entries changed since).
+                    let (k, back) = match talker.undo.take() {
+                        Some((k, before)) if rng.below(2) == 0 => (k, Some(before)),
+                        _ => (rng.below(talker.table.len() as u64) as usize, None),
+                    };
+                    let (i, a) = talker.table[k];
+                    talker.undo = Some((k, a));
+                    let new = back.unwrap_or_else(|| match (a, rng.below(5)) {
+                        (None, _) => Some(Announced {
+                            router_id: RouterId([3, 0, 0, 0, 0, 0, 0, i as u8]),
+                            seqno: rng.below(4) as u16,
+                            metric: 96,
+                        }),
+                        (Some(_), 0) => None,
+                        (Some(a), 1) => Some(Announced { seqno: a.seqno.wrapping_add(1), ..a }),
+                        (Some(a), 2) => {
+                            Some(Announced { router_id: RouterId([4, 0, 0, 0, 0, 0, 0, i as u8]), ..a })
+                        }
+                        (Some(a), _) => Some(Announced { metric: 32 + rng.below(600) as u16, ..a }),
+                    });
+                    talker.table[k].1 = new;
+                    let u = packet(&[talker_update(i, new, talker.interval)]);
+                    deliver(&mut fast, &mut slow, t, talker.iface, talker.addr, &u, &label);
+                }
+                // The table in another order.
+                70..=74 => {
+                    let n = talker.table.len();
+                    for k in 0..n {
+                        let j = k + rng.below((n - k) as u64) as usize;
+                        talker.table.swap(k, j);
+                    }
+                }
+                // Another interval.
+                75..=77 => talker.interval = [200, 400, 1000][rng.below(3) as usize],
+                // A Hello, the link cost with it.
+                78..=89 => {
+                    let h = talker.hello(if rng.below(3) == 0 { 96 + rng.below(300) as u16 } else { 96 });
+                    deliver(&mut fast, &mut slow, t, talker.iface, talker.addr, &h, &label);
+                }
+                // Time passes, timers run; the neighbours say Hello (or not).
+                _ => {
+                    let ms = [300, 2000, 9000, 40000][rng.below(4) as usize];
+                    let end = t + Duration::from_millis(ms);
+                    let quiet = rng.below(4) == 0;
+                    while t < end {
+                        t = (t + Duration::from_millis(250)).min(end);
+                        fast.handle_timeout(t);
+                        slow.handle_timeout(t);
+                        let (a, b) = (observable(&mut fast, t), observable(&mut slow, t));
+                        assert_eq!(a, b, "seed {seed}, {label}, waiting");
+                        if !quiet && (t - t0).as_millis() % 2000 < 250 {
+                            for p in &mut talkers {
+                                let mut said = vec![p.hello(96)];
+                                if rng.below(2) == 0 {
+                                    said.extend(p.full());
+                                }
+                                for d in said {
+                                    deliver(&mut fast, &mut slow, t, p.iface, p.addr, &d, &label);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        repeated += fast.stats().updates_repeated;
+        handled += fast.stats().updates_in;
+    }
+    // The shortcut was taken (else this test shows nothing), not always.
+    assert!(repeated * 5 > handled && repeated < handled, "{repeated} of {handled} updates repeated");
+}
+
+/// A route changed by a triggered update and restored by the next leaves
+/// the group its full update's chunk formed: when that chunk comes again
+/// (the same bytes as before the change), its entry is refreshed as well,
+/// and does not expire while the neighbour keeps announcing it.
+#[test]
+fn a_changed_then_restored_route_is_refreshed_by_its_chunk() {
+    let t0 = Instant::now();
+    let (mut fast, mut slow) = (router(t0), router(t0));
+    slow.repeat_shortcut = false;
+    let mut talker = Talker {
+        iface: 0,
+        addr: ll(2),
+        hello_seqno: 0,
+        table: (0..36)
+            .map(|i| {
+                (
+                    i,
+                    Some(Announced {
+                        router_id: RouterId([3, 0, 0, 0, 0, 0, 0, i as u8]),
+                        seqno: 1,
+                        metric: 96,
+                    }),
+                )
+            })
+            .collect(),
+        interval: 400,
+        undo: None,
+    };
+    let mut t = t0;
+    let mut send = |t: Instant, bytes: &[u8]| {
+        for r in [&mut fast, &mut slow] {
+            r.handle_timeout(t);
+            r.handle_packet(t, 0, ll(2), bytes);
+        }
+        let (a, b) = (observable(&mut fast, t), observable(&mut slow, t));
+        assert_eq!(a, b, "at {:?}", t - t0);
+    };
+    for _ in 0..3 {
+        send(t, &talker.hello(96));
+    }
+    let (i, before) = talker.table[9];
+    let changed = Some(Announced { metric: 300, ..before.unwrap() });
+    for round in 0..40 {
+        send(t, &talker.hello(96));
+        for d in talker.full() {
+            send(t, &d);
+        }
+        if round == 4 {
+            send(t, &packet(&[talker_update(i, changed, talker.interval)]));
+            send(t, &packet(&[talker_update(i, before, talker.interval)]));
+        }
+        t += Duration::from_secs(1);
+    }
+    let s = fast.stats();
+    assert!(s.updates_repeated > s.updates_in / 2, "{s:?}");
+    assert!(fast.selected(&(format!("fd00:{i:x}::/64").parse().unwrap(), None)).is_some());
+    // Groups left behind are reused: one per chunk of 8 of the first
+    // datagram (the second is too short to repeat by groups).
+    assert!(fast.repeats.in_use() <= 5, "{} groups", fast.repeats.in_use());
 }
