@@ -66,8 +66,9 @@ pub struct SimArgs {
 
 /// Peak memory per Babel route entry, measured (everything the simulator
 /// holds, divided by the entries): 1,000 nodes with 20 neighbours each
-/// (2 × 10⁷ entries) peak at 2.2 GB, 2,000 nodes (8 × 10⁷) at 6.9 GB.
-const BYTES_PER_ROUTE_ENTRY: f64 = 110.0;
+/// (2 × 10⁷ entries) peak at 2.55 GB, ten-thousand.toml (10⁸) at 11.3 GB
+/// (with the groups of repeated updates, about one per 8 entries).
+const BYTES_PER_ROUTE_ENTRY: f64 = 125.0;
 
 /// What a scenario's route tables will take at their fullest: every node
 /// keeps a route to every announced prefix from each of its neighbours
