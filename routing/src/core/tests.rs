@@ -587,6 +587,19 @@ impl Talker {
         let ihu = Message::Ihu { rxcost, interval: 600, addr: None, timestamps: None };
         packet(&[hello, ihu])
     }
+
+    /// A Hello and an IHU with RFC 9616 timestamps that make the router
+    /// measure an RTT of `rtt_us` (`clock_us`: the router's clock, in
+    /// microseconds since its epoch).
+    fn hello_rtt(&mut self, rxcost: u16, clock_us: u32, rtt_us: u32) -> Vec<u8> {
+        self.hello_seqno = self.hello_seqno.wrapping_add(1);
+        let hello =
+            Message::Hello { unicast: false, seqno: self.hello_seqno, interval: 200, timestamp: Some(5000) };
+        // Our Hello was stamped `rtt_us` ago and answered at once.
+        let origin = clock_us.saturating_sub(rtt_us).max(1);
+        let ihu = Message::Ihu { rxcost, interval: 600, addr: None, timestamps: Some((origin, 5000)) };
+        packet(&[hello, ihu])
+    }
 }
 
 /// Everything a router shows outside, but the repeated-update count.
@@ -618,11 +631,19 @@ fn repeated_updates_refreshed_by_groups_change_nothing() {
         let mut rng = Rng(seed);
         let t0 = Instant::now();
         let mut t = t0;
-        let mut fast = router(t0);
-        fast.add_interface(t0, 1, InterfaceConfig::new(LinkKind::Wired, ll(1)));
-        let mut slow = router(t0);
-        slow.add_interface(t0, 1, InterfaceConfig::new(LinkKind::Wired, ll(1)));
+        // Tunnels: their link cost has an RTT penalty, which also goes
+        // when its sample gets old, with no packet heard.
+        let tunnels = |t0| {
+            let mut r = Router::new(OWN_ID, 0, t0);
+            for iface in [0, 1] {
+                r.add_interface(t0, iface, InterfaceConfig::new(LinkKind::Tunnel, ll(1)));
+            }
+            while r.poll_transmit().is_some() {}
+            r
+        };
+        let (mut fast, mut slow) = (tunnels(t0), tunnels(t0));
         slow.repeat_shortcut = false;
+        let clock = |t: Instant| (t - t0).as_micros() as u32;
         let mut talkers: Vec<Talker> = (0..3)
             .map(|p| Talker {
                 iface: if p == 2 { 1 } else { 0 },
@@ -705,9 +726,13 @@ fn repeated_updates_refreshed_by_groups_change_nothing() {
                 }
                 // Another interval.
                 75..=77 => talker.interval = [200, 400, 1000][rng.below(3) as usize],
-                // A Hello, the link cost with it.
+                // A Hello, the link cost with it (another rxcost, an RTT).
                 78..=89 => {
-                    let h = talker.hello(if rng.below(3) == 0 { 96 + rng.below(300) as u16 } else { 96 });
+                    let rxcost = if rng.below(3) == 0 { 96 + rng.below(300) as u16 } else { 96 };
+                    let h = match rng.below(3) {
+                        0 => talker.hello_rtt(rxcost, clock(t), rng.below(150_000) as u32),
+                        _ => talker.hello(rxcost),
+                    };
                     deliver(&mut fast, &mut slow, t, talker.iface, talker.addr, &h, &label);
                 }
                 // Time passes, timers run; the neighbours say Hello (or not).
@@ -723,9 +748,13 @@ fn repeated_updates_refreshed_by_groups_change_nothing() {
                         assert_eq!(a, b, "seed {seed}, {label}, waiting");
                         if !quiet && (t - t0).as_millis() % 2000 < 250 {
                             for p in &mut talkers {
+                                // The full update may come before the Hello
+                                // (an RTT sample may have got old since the last).
                                 let mut said = vec![p.hello(96)];
-                                if rng.below(2) == 0 {
-                                    said.extend(p.full());
+                                match rng.below(4) {
+                                    0 | 1 => said.extend(p.full()),
+                                    2 => said.splice(0..0, p.full()).for_each(drop),
+                                    _ => {}
                                 }
                                 for d in said {
                                     deliver(&mut fast, &mut slow, t, p.iface, p.addr, &d, &label);
