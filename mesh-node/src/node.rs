@@ -570,9 +570,10 @@ impl NodeCore {
                     && let Some(t) = self.tunnels.get(peer)
                 {
                     if !t.fixed && DRAINED.contains(reason) {
-                        // Soft lock: make the tunnel expensive so that Babel
-                        // moves traffic away, and close it a little later.
-                        self.router.set_interface_cost(now, t.id, DRAIN_COST);
+                        // Soft lock: make the tunnel expensive both ways so
+                        // that Babel moves traffic away, and close it a
+                        // little later.
+                        self.router.drain_interface(now, t.id, DRAIN_COST);
                         self.draining.push((now + self.cfg.hello_interval * 4, *peer, reason));
                         continue;
                     }

@@ -79,8 +79,14 @@ pub struct InterfaceConfig {
     pub hello_interval: Duration,
     /// Full-table update interval (default 4 × the Hello interval).
     pub update_interval: Duration,
-    /// Nominal link cost (96).
+    /// Nominal link cost (96): our rxcost, which our IHUs give the
+    /// neighbours as their cost of reaching us.
     pub cost: u16,
+    /// A floor on our own cost of reaching the neighbours on this link
+    /// (0: none; the cost is what their IHUs say, plus the RTT penalty).
+    /// A local choice, as Babel lets link costs be: see
+    /// [`Router::drain_interface`].
+    pub min_cost: u16,
     /// Timestamps and RTT cost; `Some` on tunnels by default.
     pub rtt: Option<RttConfig>,
     /// Largest Babel packet to send on this interface.
@@ -96,6 +102,7 @@ impl InterfaceConfig {
             hello_interval: Duration::from_secs(4),
             update_interval: Duration::from_secs(16),
             cost: 96,
+            min_cost: 0,
             rtt: (kind == LinkKind::Tunnel).then(RttConfig::default),
             mtu: 1400,
         }
@@ -465,19 +472,28 @@ impl Router {
         self.flush(now);
     }
 
-    /// Changes an interface's nominal cost (e.g. very high before closing
-    /// a tunnel, so that traffic moves to other routes first, like re6st's
-    /// soft lock). Neighbours see it in our next IHUs.
-    pub fn set_interface_cost(&mut self, now: Instant, iface: IfaceId, cost: u16) {
+    /// Makes an interface very expensive both ways before it is closed
+    /// (re6st's soft lock): our routes through it move to other neighbours
+    /// now, and so do theirs through us, told by IHUs sent at once. Closed
+    /// a little later, the link then carries no route, and its going
+    /// changes nothing. Draining both ways at the same moment matters in a
+    /// large mesh: a route that gets worse and has no feasible alternative
+    /// makes its source bump its seqno, which changes that route everywhere,
+    /// and two rounds of it (one side now, the other at the close) cost
+    /// twice.
+    pub fn drain_interface(&mut self, now: Instant, iface: IfaceId, cost: u16) {
         let Some(i) = self.ifaces.get_mut(&iface) else { return };
-        if i.cfg.cost == cost {
+        if i.cfg.cost == cost && i.cfg.min_cost == cost {
             return;
         }
         i.cfg.cost = cost;
-        let nbrs: Vec<u32> =
-            self.neighbours.iter().filter(|(_, n)| n.iface == iface).map(|(id, _)| *id).collect();
-        for id in nbrs {
+        i.cfg.min_cost = cost;
+        let nbrs = i.nbrs.clone();
+        for &id in &nbrs {
             self.neighbour_changed(now, id);
+        }
+        for m in self.ihus(iface) {
+            self.queue(iface, Destination::Multicast, m);
         }
         self.flush(now);
     }
@@ -1621,26 +1637,36 @@ impl Router {
             interval: centis(cfg.hello_interval),
             timestamp: cfg.rtt.map(|_| ts),
         };
-        let mut ihus = Vec::with_capacity(if with_ihu { i.nbrs.len() } else { 0 });
-        if with_ihu {
-            let ihu_interval = centis(cfg.hello_interval * u32::from(cfg.ihu_every()));
-            // The interface's own list: scanning every neighbour for it cost
-            // a cache miss per neighbour on each of twenty tunnels' Hellos.
-            ihus.extend(i.nbrs.iter().filter_map(|id| self.neighbours.get(id)).map(|n| Message::Ihu {
-                rxcost: n.rxcost(cfg),
-                interval: ihu_interval,
-                addr: Some(IpAddr::V6(n.addr)),
-                timestamps: cfg.rtt.and(n.last_hello_ts),
-            }));
-            ihus.sort_by_key(|m| match m {
-                Message::Ihu { addr, .. } => *addr,
-                _ => None,
-            });
-        }
+        let ihus = if with_ihu { self.ihus(iface) } else { Vec::new() };
         self.queue(iface, Destination::Multicast, hello);
         for m in ihus {
             self.queue(iface, Destination::Multicast, m);
         }
+    }
+
+    /// An IHU for each neighbour on `iface`, in address order.
+    fn ihus(&self, iface: IfaceId) -> Vec<Message> {
+        let Some(i) = self.ifaces.get(&iface) else { return Vec::new() };
+        let cfg = &i.cfg;
+        let ihu_interval = centis(cfg.hello_interval * u32::from(cfg.ihu_every()));
+        // The interface's own list: scanning every neighbour for it cost
+        // a cache miss per neighbour on each of twenty tunnels' Hellos.
+        let mut ihus: Vec<Message> = i
+            .nbrs
+            .iter()
+            .filter_map(|id| self.neighbours.get(id))
+            .map(|n| Message::Ihu {
+                rxcost: n.rxcost(cfg),
+                interval: ihu_interval,
+                addr: Some(IpAddr::V6(n.addr)),
+                timestamps: cfg.rtt.and(n.last_hello_ts),
+            })
+            .collect();
+        ihus.sort_by_key(|m| match m {
+            Message::Ihu { addr, .. } => *addr,
+            _ => None,
+        });
+        ihus
     }
 
     /// Marks `key` for a triggered update on every interface, sent after a

@@ -173,12 +173,12 @@ impl Neighbour {
     }
 
     /// Link cost: the neighbour's view of our Hellos (txcost) if we hear it
-    /// too, plus the RTT penalty.
+    /// too, plus the RTT penalty; at least the interface's `min_cost`.
     pub fn cost(&self, now: Instant, cfg: &InterfaceConfig) -> u16 {
         if self.rxcost(cfg) == INFINITY || self.txcost == INFINITY {
             return INFINITY;
         }
-        add_metric(self.txcost, self.rtt_cost(now)).min(INFINITY - 1)
+        add_metric(self.txcost, self.rtt_cost(now)).max(cfg.min_cost).min(INFINITY - 1)
     }
 
     pub fn info(&self, now: Instant, cfg: &InterfaceConfig) -> NeighbourInfo {

@@ -167,6 +167,41 @@ fn ihus_about_other_routers_are_ignored() {
 }
 
 #[test]
+fn a_drained_interface_is_expensive_both_ways_at_once() {
+    let now = Instant::now();
+    let mut r = router(now);
+    r.add_interface(now, 1, InterfaceConfig::new(LinkKind::Wired, ll(1)));
+    while r.poll_transmit().is_some() {}
+    let hello = |s| Message::Hello { unicast: false, seqno: s, interval: 400, timestamp: None };
+    let ihu = Message::Ihu { rxcost: 96, interval: 1200, addr: Some(IpAddr::V6(ll(1))), timestamps: None };
+    for (iface, peer) in [(0, ll(2)), (1, ll(3))] {
+        for s in 1..=3 {
+            r.handle_packet(now, iface, peer, &packet(&[hello(s), ihu.clone()]));
+        }
+    }
+    while r.poll_transmit().is_some() {}
+    let cost = |r: &Router, a| r.neighbours(now).iter().find(|n| n.addr == a).map(|n| n.cost);
+    assert_eq!((cost(&r, ll(2)), cost(&r, ll(3))), (Some(96), Some(96)));
+
+    r.drain_interface(now, 0, 4096);
+    // Our way: at once, though the neighbour still says 96 ...
+    assert_eq!((cost(&r, ll(2)), cost(&r, ll(3))), (Some(4096), Some(96)));
+    // ... and theirs: an IHU saying so, sent now on that interface only.
+    let mut told = Vec::new();
+    while let Some(t) = r.poll_transmit() {
+        for m in wire::decode(&t.payload).unwrap().messages {
+            if let Message::Ihu { rxcost, addr, .. } = m {
+                told.push((t.iface, rxcost, addr));
+            }
+        }
+    }
+    assert_eq!(told, vec![(0, 4096, Some(IpAddr::V6(ll(2))))]);
+    // The neighbour's next IHU does not bring the cost back down.
+    r.handle_packet(now, 0, ll(2), &packet(&[hello(4), ihu.clone()]));
+    assert_eq!(cost(&r, ll(2)), Some(4096));
+}
+
+#[test]
 fn garbage_and_non_link_local_sources_are_counted_not_fatal() {
     let now = Instant::now();
     let mut r = router(now);
@@ -724,8 +759,17 @@ fn repeated_updates_refreshed_by_groups_change_nothing() {
                         talker.table.swap(k, j);
                     }
                 }
+                // A tunnel drained (or back), its cost raised both ways.
+                75 => {
+                    let cost = [4096, 96][rng.below(2) as usize];
+                    let iface = talker.iface;
+                    fast.drain_interface(t, iface, cost);
+                    slow.drain_interface(t, iface, cost);
+                    let (a, b) = (observable(&mut fast, t), observable(&mut slow, t));
+                    assert_eq!(a, b, "seed {seed}, {label}");
+                }
                 // Another interval.
-                75..=77 => talker.interval = [200, 400, 1000][rng.below(3) as usize],
+                76..=77 => talker.interval = [200, 400, 1000][rng.below(3) as usize],
                 // A Hello, the link cost with it (another rxcost, an RTT).
                 78..=89 => {
                     let rxcost = if rng.below(3) == 0 { 96 + rng.below(300) as u16 } else { 96 };
