@@ -616,23 +616,24 @@ impl Talker {
     }
 
     fn hello(&mut self, rxcost: u16) -> Vec<u8> {
-        self.hello_seqno = self.hello_seqno.wrapping_add(1);
-        let hello =
-            Message::Hello { unicast: false, seqno: self.hello_seqno, interval: 200, timestamp: None };
-        let ihu = Message::Ihu { rxcost, interval: 600, addr: None, timestamps: None };
-        packet(&[hello, ihu])
+        self.hello_ihu(rxcost, None)
     }
 
     /// A Hello and an IHU with RFC 9616 timestamps that make the router
     /// measure an RTT of `rtt_us` (`clock_us`: the router's clock, in
     /// microseconds since its epoch).
     fn hello_rtt(&mut self, rxcost: u16, clock_us: u32, rtt_us: u32) -> Vec<u8> {
-        self.hello_seqno = self.hello_seqno.wrapping_add(1);
-        let hello =
-            Message::Hello { unicast: false, seqno: self.hello_seqno, interval: 200, timestamp: Some(5000) };
         // Our Hello was stamped `rtt_us` ago and answered at once.
         let origin = clock_us.saturating_sub(rtt_us).max(1);
-        let ihu = Message::Ihu { rxcost, interval: 600, addr: None, timestamps: Some((origin, 5000)) };
+        self.hello_ihu(rxcost, Some((origin, 5000)))
+    }
+
+    /// A Hello (timestamped 5000 when the IHU carries timestamps) and an IHU.
+    fn hello_ihu(&mut self, rxcost: u16, timestamps: Option<(u32, u32)>) -> Vec<u8> {
+        self.hello_seqno = self.hello_seqno.wrapping_add(1);
+        let timestamp = timestamps.map(|_| 5000);
+        let hello = Message::Hello { unicast: false, seqno: self.hello_seqno, interval: 200, timestamp };
+        let ihu = Message::Ihu { rxcost, interval: 600, addr: None, timestamps };
         packet(&[hello, ihu])
     }
 }
