@@ -6,7 +6,7 @@
 //! (a node raising its own seqno, as asked by a starving node: it changes
 //! that node's route everywhere).
 //!
-//! `cargo run --release -p sixmesh-netsim --example timeline -- netsim/scenarios/thousand.toml [STEP_S]`
+//! `cargo run --release -p sixmesh-netsim --example timeline -- netsim/scenarios/thousand.toml [STEP_S [THREADS]]`
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -17,17 +17,19 @@ use sixmesh_netsim::scenario::Scenario;
 fn main() {
     let mut args = std::env::args().skip(1);
     let Some(path) = args.next() else {
-        eprintln!("usage: timeline SCENARIO.toml [STEP_S]");
+        eprintln!("usage: timeline SCENARIO.toml [STEP_S [THREADS]]");
         std::process::exit(2);
     };
     let step: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10.0);
-    let s = match Scenario::load(Path::new(&path)) {
+    let threads: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(0);
+    let mut s = match Scenario::load(Path::new(&path)) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{path}: {e}");
             std::process::exit(1);
         }
     };
+    s.threads = threads;
     let (mut sim, _, _) = build(&s);
     println!("virtual_s\twall_s\tpackets\tupdates_in\tchanged\trepeated\tbumps");
     let mut seqnos: Vec<u16> = (0..sim.len()).map(|i| sim.node(i).router().seqno()).collect();

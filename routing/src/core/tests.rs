@@ -201,6 +201,136 @@ fn a_drained_interface_is_expensive_both_ways_at_once() {
     assert_eq!(cost(&r, ll(2)), Some(4096));
 }
 
+/// A router with interfaces 0, 1 and 2 and a neighbour on each (`ll(2)`,
+/// `ll(3)`, `ll(4)`) whose link costs 96, 256 and 96.
+fn three_neighbours(now: Instant) -> Router {
+    let mut r = router(now);
+    r.add_interface(now, 1, InterfaceConfig::new(LinkKind::Wired, ll(1)));
+    r.add_interface(now, 2, InterfaceConfig::new(LinkKind::Wired, ll(1)));
+    let hello = |s| Message::Hello { unicast: false, seqno: s, interval: 400, timestamp: None };
+    for (iface, peer, rxcost) in [(0, ll(2), 96), (1, ll(3), 256), (2, ll(4), 96)] {
+        let ihu = Message::Ihu { rxcost, interval: 1200, addr: Some(IpAddr::V6(ll(1))), timestamps: None };
+        for s in 1..=3 {
+            r.handle_packet(now, iface, peer, &packet(&[hello(s), ihu.clone()]));
+        }
+    }
+    while r.poll_transmit().is_some() {}
+    r
+}
+
+/// What `r` sends within `d` from `t`: (iface, destination, message).
+fn sent_within(r: &mut Router, t: Instant, d: Duration) -> Vec<(IfaceId, Destination, Message)> {
+    let mut sent = Vec::new();
+    let mut now = t;
+    while now < t + d {
+        now += Duration::from_millis(10);
+        r.handle_timeout(now);
+        while let Some(x) = r.poll_transmit() {
+            for m in wire::decode(&x.payload).unwrap().messages {
+                sent.push((x.iface, x.dst, m));
+            }
+        }
+    }
+    sent
+}
+
+fn seqnos_of(sent: &[(IfaceId, Destination, Message)], prefix: &str) -> Vec<u16> {
+    let want: IpNet = prefix.parse().unwrap();
+    sent.iter()
+        .filter_map(|(_, _, m)| match m {
+            Message::Update { prefix: Some(p), seqno, .. } if *p == want => Some(*seqno),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A new seqno alone is not flooded (babeld's `send_triggered_update`):
+/// the periodic updates carry it, except to whoever asked for it, who
+/// hears it at once.
+#[test]
+fn a_new_seqno_goes_at_once_only_to_who_asked() {
+    let t0 = Instant::now();
+    let mut r = three_neighbours(t0);
+    r.handle_packet(t0, 0, ll(2), &packet(&[update("fd00:1::/64", 1, 100, 3000)]));
+    let sent = sent_within(&mut r, t0, Duration::from_secs(1));
+    assert!(seqnos_of(&sent, "fd00:1::/64").contains(&1), "a new route is sent at once");
+    let t = t0 + Duration::from_secs(1);
+    r.handle_packet(t, 0, ll(2), &packet(&[update("fd00:1::/64", 2, 100, 3000)]));
+    let sent = sent_within(&mut r, t, Duration::from_secs(2));
+    assert_eq!(seqnos_of(&sent, "fd00:1::/64"), Vec::<u16>::new(), "seqno 2 alone: nothing sent");
+    // Neighbour ll(4) asks for seqno 3: forwarded towards the source ...
+    let t = t + Duration::from_secs(2);
+    let req = Message::SeqnoReq {
+        prefix: "fd00:1::/64".parse().unwrap(),
+        src: None,
+        seqno: 3,
+        hop_count: 8,
+        router_id: RouterId([2, 0, 0, 0, 0, 0, 0, 7]),
+    };
+    r.handle_packet(t, 2, ll(4), &packet(&[req]));
+    let sent = sent_within(&mut r, t, Duration::from_millis(100));
+    let fwd: Vec<_> = sent
+        .iter()
+        .filter(|(_, _, m)| matches!(m, Message::SeqnoReq { seqno: 3, hop_count: 7, .. }))
+        .map(|(i, d, _)| (*i, *d))
+        .collect();
+    assert_eq!(fwd, vec![(0, Destination::Unicast(ll(2)))]);
+    // ... and its answer goes out at once.
+    let t = t + Duration::from_millis(100);
+    r.handle_packet(t, 0, ll(2), &packet(&[update("fd00:1::/64", 3, 100, 3000)]));
+    let sent = sent_within(&mut r, t, Duration::from_millis(100));
+    assert!(seqnos_of(&sent, "fd00:1::/64").contains(&3), "the answer is sent: {sent:?}");
+}
+
+/// A seqno request not yet answered follows the route: when the selected
+/// route moves to another neighbour, that one is asked too; an answer
+/// through a drained interface does not count.
+#[test]
+fn a_pending_request_follows_the_route_and_ignores_drained_answers() {
+    let t0 = Instant::now();
+    let mut r = three_neighbours(t0);
+    // Through ll(2): 100 + 96; through ll(3): 50 + 256, feasible too.
+    r.handle_packet(t0, 0, ll(2), &packet(&[update("fd00:1::/64", 1, 100, 3000)]));
+    r.handle_packet(t0, 1, ll(3), &packet(&[update("fd00:1::/64", 1, 50, 3000)]));
+    sent_within(&mut r, t0, Duration::from_secs(1));
+    let key: RouteKey = ("fd00:1::/64".parse().unwrap(), None);
+    assert_eq!(r.selected(&key).map(|s| (s.0, s.2)), Some((0, 196)));
+    let t = t0 + Duration::from_secs(1);
+    let req = Message::SeqnoReq {
+        prefix: "fd00:1::/64".parse().unwrap(),
+        src: None,
+        seqno: 2,
+        hop_count: 8,
+        router_id: RouterId([2, 0, 0, 0, 0, 0, 0, 7]),
+    };
+    r.handle_packet(t, 2, ll(4), &packet(&[req]));
+    let asked = |sent: &[(IfaceId, Destination, Message)]| -> Vec<IfaceId> {
+        sent.iter().filter(|(_, _, m)| matches!(m, Message::SeqnoReq { seqno: 2, .. })).map(|x| x.0).collect()
+    };
+    assert_eq!(asked(&sent_within(&mut r, t, Duration::from_millis(50))), vec![0]);
+    // Interface 0 drained: the route moves to ll(3), which is asked now.
+    let t = t + Duration::from_millis(50);
+    r.drain_interface(t, 0, 4096);
+    r.handle_packet(t, 1, ll(3), &packet(&[update("fd00:1::/64", 1, 50, 3000)]));
+    assert_eq!(r.selected(&key).map(|s| s.0), Some(1));
+    assert_eq!(asked(&sent_within(&mut r, t, Duration::from_millis(50))), vec![1]);
+    // ll(3) loses its route for a moment, and the source's answer comes
+    // first through the drained tunnel: the route takes it (the only one
+    // left), but that is not the answer whoever asked us needs.
+    let t = t + Duration::from_millis(50);
+    r.handle_packet(t, 1, ll(3), &packet(&[update("fd00:1::/64", 1, INFINITY, 3000)]));
+    r.handle_packet(t, 0, ll(2), &packet(&[update("fd00:1::/64", 2, 0, 3000)]));
+    assert_eq!(r.selected(&key).map(|s| s.0), Some(0));
+    let sent = sent_within(&mut r, t, Duration::from_millis(50));
+    assert!(!seqnos_of(&sent, "fd00:1::/64").contains(&2), "{sent:?}");
+    // The answer along the route (seqno 2 through ll(3)) is passed on.
+    let t = t + Duration::from_millis(50);
+    r.handle_packet(t, 1, ll(3), &packet(&[update("fd00:1::/64", 2, 50, 3000)]));
+    assert_eq!(r.selected(&key).map(|s| s.0), Some(1));
+    let sent = sent_within(&mut r, t, Duration::from_millis(50));
+    assert!(seqnos_of(&sent, "fd00:1::/64").contains(&2), "{sent:?}");
+}
+
 #[test]
 fn garbage_and_non_link_local_sources_are_counted_not_fatal() {
     let now = Instant::now();
