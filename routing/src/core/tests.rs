@@ -244,6 +244,17 @@ fn seqnos_of(sent: &[(IfaceId, Destination, Message)], prefix: &str) -> Vec<u16>
         .collect()
 }
 
+/// A seqno request for `fd00:1::/64` of router 7, 8 hops left.
+fn seqno_request(seqno: u16) -> Message {
+    Message::SeqnoReq {
+        prefix: "fd00:1::/64".parse().unwrap(),
+        src: None,
+        seqno,
+        hop_count: 8,
+        router_id: RouterId([2, 0, 0, 0, 0, 0, 0, 7]),
+    }
+}
+
 /// A new seqno alone is not flooded (babeld's `send_triggered_update`):
 /// the periodic updates carry it, except to whoever asked for it, who
 /// hears it at once.
@@ -260,13 +271,7 @@ fn a_new_seqno_goes_at_once_only_to_who_asked() {
     assert_eq!(seqnos_of(&sent, "fd00:1::/64"), Vec::<u16>::new(), "seqno 2 alone: nothing sent");
     // Neighbour ll(4) asks for seqno 3: forwarded towards the source ...
     let t = t + Duration::from_secs(2);
-    let req = Message::SeqnoReq {
-        prefix: "fd00:1::/64".parse().unwrap(),
-        src: None,
-        seqno: 3,
-        hop_count: 8,
-        router_id: RouterId([2, 0, 0, 0, 0, 0, 0, 7]),
-    };
+    let req = seqno_request(3);
     r.handle_packet(t, 2, ll(4), &packet(&[req]));
     let sent = sent_within(&mut r, t, Duration::from_millis(100));
     let fwd: Vec<_> = sent
@@ -296,13 +301,7 @@ fn a_pending_request_follows_the_route_and_ignores_drained_answers() {
     let key: RouteKey = ("fd00:1::/64".parse().unwrap(), None);
     assert_eq!(r.selected(&key).map(|s| (s.0, s.2)), Some((0, 196)));
     let t = t0 + Duration::from_secs(1);
-    let req = Message::SeqnoReq {
-        prefix: "fd00:1::/64".parse().unwrap(),
-        src: None,
-        seqno: 2,
-        hop_count: 8,
-        router_id: RouterId([2, 0, 0, 0, 0, 0, 0, 7]),
-    };
+    let req = seqno_request(2);
     r.handle_packet(t, 2, ll(4), &packet(&[req]));
     let asked = |sent: &[(IfaceId, Destination, Message)]| -> Vec<IfaceId> {
         sent.iter().filter(|(_, _, m)| matches!(m, Message::SeqnoReq { seqno: 2, .. })).map(|x| x.0).collect()
