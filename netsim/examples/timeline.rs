@@ -31,7 +31,7 @@ fn main() {
     };
     s.threads = threads;
     let (mut sim, _, _) = build(&s);
-    println!("virtual_s\twall_s\tpackets\tupdates_in\tchanged\trepeated\tbumps");
+    println!("virtual_s\twall_s\tpackets\tupdates_in\tchanged\trepeated\tbumps\ttunnels\tselected");
     let mut seqnos: Vec<u16> = (0..sim.len()).map(|i| sim.node(i).router().seqno()).collect();
     let (mut packets, mut updates, mut changed, mut repeated) = (0, 0, 0, 0);
     let mut t = 0.0;
@@ -41,17 +41,20 @@ fn main() {
         let wall = w.elapsed().as_secs_f64();
         t += step;
         let (mut u, mut c, mut r, mut b) = (0, 0, 0, 0u64);
+        let (mut tunnels, mut selected) = (0, 0);
         for (i, seqno) in seqnos.iter_mut().enumerate() {
             let router = sim.node(i).router();
             b += u64::from(router.seqno().wrapping_sub(*seqno));
             *seqno = router.seqno();
+            tunnels += router.interfaces().count();
+            selected += router.selected_count();
             let st = router.stats();
             u += st.updates_in;
             c += st.updates_changed;
             r += st.updates_repeated;
         }
         println!(
-            "{t:.0}\t{wall:.2}\t{}\t{}\t{}\t{}\t{b}",
+            "{t:.0}\t{wall:.2}\t{}\t{}\t{}\t{}\t{b}\t{tunnels}\t{selected}",
             sim.stats.packets - packets,
             u - updates,
             c - changed,

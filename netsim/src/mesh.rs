@@ -138,8 +138,10 @@ impl MeshConfig {
 }
 
 enum Ev {
-    /// An inner packet arrives at `to` from `from`'s tunnel.
-    Packet { from: NodeId, to: NodeId, packet: Vec<u8> },
+    /// An inner packet arrives at `to` from `from`'s tunnel; `broken`:
+    /// the path's [`PathParams::broken`] (the sender looked it up: the
+    /// receiver need not look it up again).
+    Packet { from: NodeId, to: NodeId, broken: bool, packet: Vec<u8> },
     /// A handshake from `from` reaches `to`.
     Handshake { from: NodeId, to: NodeId },
     /// The handshake answer reaches `from`.
@@ -351,6 +353,19 @@ impl Ctx<'_> {
     /// `None` if the underlay loses it.
     fn transit(&self, node: &mut Node, i: NodeId, j: NodeId, bytes: u64, now: Instant) -> Option<Instant> {
         let p = self.cached_path(node, i, j);
+        self.transit_on(node, i, j, &p, bytes, now)
+    }
+
+    /// [`Ctx::transit`] over path `p` (the path from `i` to `j`).
+    fn transit_on(
+        &self,
+        node: &mut Node,
+        i: NodeId,
+        j: NodeId,
+        p: &PathParams,
+        bytes: u64,
+        now: Instant,
+    ) -> Option<Instant> {
         if !self.up_with(i, j, p.broken) {
             return None;
         }
@@ -389,8 +404,12 @@ impl Ctx<'_> {
                     } else {
                         node.traffic.data_tx_bytes += wire;
                     }
-                    match self.transit(node, i, j, wire, now) {
-                        Some(at) => self.push(part, me, node, i, at, Ev::Packet { from: i, to: j, packet }),
+                    let p = self.cached_path(node, i, j);
+                    match self.transit_on(node, i, j, &p, wire, now) {
+                        Some(at) => {
+                            let ev = Ev::Packet { from: i, to: j, broken: p.broken, packet };
+                            self.push(part, me, node, i, at, ev)
+                        }
                         None => part.stats.lost += 1,
                     }
                 }
@@ -432,10 +451,9 @@ impl Ctx<'_> {
 
     fn deliver(&self, nodes: &mut [Node], lo: usize, me: usize, part: &mut Part, ev: Ev, now: Instant) {
         match ev {
-            Ev::Packet { from, to, packet } => {
+            Ev::Packet { from, to, broken, packet } => {
                 let node = &mut nodes[to - lo];
-                let p = self.cached_path(node, to, from);
-                if !self.up_with(from, to, p.broken) {
+                if !self.up_with(from, to, broken) {
                     part.stats.lost += 1;
                     return;
                 }

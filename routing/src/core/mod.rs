@@ -220,6 +220,13 @@ const URGENT_REPEAT: u8 = 3;
 /// `update_jitter`: 100 ms when urgent, the Hello interval (≤ 4 s) else.
 const URGENT_FLUSH: Duration = Duration::from_millis(100);
 const NORMAL_FLUSH: Duration = Duration::from_secs(4);
+/// What must go at once (retractions, source switches, seqno answers, and
+/// their repetitions) still waits about this long, as babeld's urgent
+/// buffers do (`jitter`: half of 20 ms, roughly): the changes a burst of
+/// packets brings leave together instead of a datagram per packet on every
+/// interface (a thousand tunnels drained at once sent 6.6 M datagrams of
+/// two updates in five seconds).
+const RESEND_FLUSH: Duration = Duration::from_millis(10);
 const URGENT_INTERVAL: Duration = Duration::from_millis(200);
 /// Seqno requests are resent after this, doubling, up to `REQUEST_RESENDS`.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -248,7 +255,7 @@ struct FullUpdate {
     /// When its sources were last noted (RFC 8966 §3.7.3): again at least
     /// this often, so that none of them ages towards garbage collection.
     noted: Instant,
-    /// Shared with the queues it waits in (see [`Queued::Full`]).
+    /// Shared with the queues it waits in (see [`Queued::Shared`]).
     msgs: Arc<[Message]>,
 }
 
@@ -282,15 +289,16 @@ const SPARE_QUEUES: usize = 4;
 #[derive(Clone, Debug)]
 enum Queued {
     Msg(Message),
-    /// A full update's messages, in order: one table's worth of updates
-    /// queued on every tunnel in turn, shared rather than copied.
-    Full(Arc<[Message]>),
+    /// Messages queued alike on several interfaces, in order, shared
+    /// rather than copied: a full update (one table's worth of updates,
+    /// queued on every tunnel in turn), or a flush's triggered updates.
+    Shared(Arc<[Message]>),
 }
 
-/// A full update's messages as the packet builder left them, written into
-/// empty packets for an MTU: the same messages give the same bytes, so
-/// the next interface with that MTU starts from a copy instead of encoding
-/// them again.
+/// Shared messages (see [`Queued::Shared`]) as the packet builder left
+/// them, written into empty packets for an MTU: the same messages give the
+/// same bytes, so the next interface with that MTU starts from a copy
+/// instead of encoding them again.
 #[derive(Debug)]
 struct Encoded {
     msgs: Arc<[Message]>,
@@ -353,6 +361,8 @@ pub struct Router {
     spare_queues: Vec<Vec<Queued>>,
     /// The messages of the packet being handled (kept for its allocation).
     decoded: wire::Decoded,
+    /// A Hello's IHUs while it is queued (kept for its allocation).
+    ihu_buf: Vec<Message>,
     /// No route entry expires before this (a lower bound: refreshed entries
     /// only move away from it): the expiry sweep skips the table until then.
     min_expiry: Ticks,
@@ -369,7 +379,8 @@ pub struct Router {
     generation: u64,
     /// The last full update built, reused while `generation` holds.
     full_update: Option<FullUpdate>,
-    /// The last full update encoded.
+    /// The last shared messages encoded (a full update, or a flush's
+    /// triggered updates).
     encoded: Option<Encoded>,
     /// (due, as nanoseconds since `epoch`; order of scheduling; timer):
     /// integers compare faster than `Instant`s, and this heap is popped
@@ -411,6 +422,7 @@ impl Router {
             out: Vec::new(),
             spare_queues: Vec::new(),
             decoded: wire::Decoded::default(),
+            ihu_buf: Vec::new(),
             min_expiry: Ticks::MAX,
             repeats: Repeats::default(),
             forming: None,
@@ -492,9 +504,9 @@ impl Router {
         for &id in &nbrs {
             self.neighbour_changed(now, id);
         }
-        for m in self.ihus(iface) {
-            self.queue(iface, Destination::Multicast, m);
-        }
+        let mut ihus = Vec::new();
+        self.ihus(iface, &mut ihus);
+        self.out_entry(iface, Destination::Multicast).extend(ihus.into_iter().map(Queued::Msg));
         self.flush(now);
     }
 
@@ -533,6 +545,8 @@ impl Router {
                 }
             }
             self.trigger(now, key, Urgency::Resend);
+            // Asked for by the operator, one at a time: at once.
+            self.flush_at = Some(now);
             self.flush(now);
         }
     }
@@ -544,6 +558,8 @@ impl Router {
             self.generation += 1;
             self.reselect(now, key);
             self.trigger(now, key, Urgency::Resend);
+            // Asked for by the operator, one at a time: at once.
+            self.flush_at = Some(now);
             self.flush(now);
         }
     }
@@ -1203,9 +1219,12 @@ impl Router {
             return;
         }
         let feasible = self.feasible(&key, router_id, seqno, refmetric);
+        // A new destination's entries, one per neighbour, fill in together
+        // (a new tunnel or a cold start): room for them all at once.
+        let room = self.neighbours.len();
         let (slot, added) = match self.routes.entry(key) {
             std::collections::hash_map::Entry::Occupied(o) => (o.into_mut(), false),
-            std::collections::hash_map::Entry::Vacant(v) => (v.insert(Slot::default()), true),
+            std::collections::hash_map::Entry::Vacant(v) => (v.insert(Slot::with_room(room)), true),
         };
         let was_selected_here = slot.selected().is_some_and(|i| slot.entries[i].nbr == nbr);
         let old_next_hop = slot.next_hop(nbr, from);
@@ -1616,7 +1635,7 @@ impl Router {
             // Nothing it carries changed, and its sources were noted with
             // these very values: only sending is left.
             let msgs = f.msgs.clone();
-            self.out_entry(iface, dst).push(Queued::Full(msgs));
+            self.out_entry(iface, dst).push(Queued::Shared(msgs));
             return;
         }
         // What `send_updates` would send for our prefixes and then every
@@ -1642,21 +1661,22 @@ impl Router {
             self.note_sent(now, key, msg);
         }
         let msgs: Arc<[Message]> = msgs.into_iter().map(|(_, m)| m).collect();
-        self.out_entry(iface, dst).push(Queued::Full(msgs.clone()));
+        self.out_entry(iface, dst).push(Queued::Shared(msgs.clone()));
         // The previous one's encoding is of no more use.
         self.encoded = None;
         self.full_update = Some(FullUpdate { generation: self.generation, interval, noted: now, msgs });
     }
 
-    /// Queues our current update for each of `keys` on `iface`.
-    fn send_updates(&mut self, now: Instant, iface: IfaceId, dst: Destination, keys: &[RouteKey]) {
+    /// Our current update for each of `keys` on `iface`, their sources
+    /// noted as sent.
+    fn updates_for(&mut self, now: Instant, iface: IfaceId, keys: &[RouteKey]) -> Vec<Message> {
         let mut msgs = Vec::with_capacity(keys.len());
         for key in keys {
             let msg = self.update_message(key, iface);
             self.note_sent(now, key, &msg);
             msgs.push(msg);
         }
-        self.out_entry(iface, dst).extend(msgs.into_iter().map(Queued::Msg));
+        msgs
     }
 
     fn send_hello(&mut self, now: Instant, iface: IfaceId) {
@@ -1673,36 +1693,34 @@ impl Router {
             interval: centis(cfg.hello_interval),
             timestamp: cfg.rtt.map(|_| ts),
         };
-        let ihus = if with_ihu { self.ihus(iface) } else { Vec::new() };
-        self.queue(iface, Destination::Multicast, hello);
-        for m in ihus {
-            self.queue(iface, Destination::Multicast, m);
+        let mut ihus = std::mem::take(&mut self.ihu_buf);
+        if with_ihu {
+            self.ihus(iface, &mut ihus);
         }
+        let q = self.out_entry(iface, Destination::Multicast);
+        q.push(Queued::Msg(hello));
+        q.extend(ihus.drain(..).map(Queued::Msg));
+        self.ihu_buf = ihus;
     }
 
-    /// An IHU for each neighbour on `iface`, in address order.
-    fn ihus(&self, iface: IfaceId) -> Vec<Message> {
-        let Some(i) = self.ifaces.get(&iface) else { return Vec::new() };
+    /// An IHU for each neighbour on `iface`, in address order, into
+    /// `ihus` (a Hello's: a buffer kept for its allocation).
+    fn ihus(&self, iface: IfaceId, ihus: &mut Vec<Message>) {
+        let Some(i) = self.ifaces.get(&iface) else { return };
         let cfg = &i.cfg;
         let ihu_interval = centis(cfg.hello_interval * u32::from(cfg.ihu_every()));
         // The interface's own list: scanning every neighbour for it cost
         // a cache miss per neighbour on each of twenty tunnels' Hellos.
-        let mut ihus: Vec<Message> = i
-            .nbrs
-            .iter()
-            .filter_map(|id| self.neighbours.get(id))
-            .map(|n| Message::Ihu {
-                rxcost: n.rxcost(cfg),
-                interval: ihu_interval,
-                addr: Some(IpAddr::V6(n.addr)),
-                timestamps: cfg.rtt.and(n.last_hello_ts),
-            })
-            .collect();
+        ihus.extend(i.nbrs.iter().filter_map(|id| self.neighbours.get(id)).map(|n| Message::Ihu {
+            rxcost: n.rxcost(cfg),
+            interval: ihu_interval,
+            addr: Some(IpAddr::V6(n.addr)),
+            timestamps: cfg.rtt.and(n.last_hello_ts),
+        }));
         ihus.sort_by_key(|m| match m {
             Message::Ihu { addr, .. } => *addr,
             _ => None,
         });
-        ihus
     }
 
     /// Marks `key` for a triggered update on every interface, sent after a
@@ -1712,9 +1730,9 @@ impl Router {
         let delay = match urgency {
             Urgency::Normal => roughly(self.min_hello.min(NORMAL_FLUSH), self.next_random()),
             Urgency::Fast => roughly(self.min_hello.min(URGENT_FLUSH), self.next_random()),
-            // Rare and on the critical path of recovery (a route lost, a
-            // seqno asked for): at once.
-            Urgency::Resend => Duration::ZERO,
+            // On the critical path of recovery (a route lost, a seqno asked
+            // for): nearly at once.
+            Urgency::Resend => roughly(RESEND_FLUSH, self.next_random()),
         };
         self.flush_at = Some(self.flush_at.map_or(now + delay, |t| t.min(now + delay)));
         if urgency == Urgency::Resend {
@@ -1751,10 +1769,28 @@ impl Router {
         if self.flush_at.is_some_and(|t| t <= now) {
             self.flush_at = None;
             let keys: Vec<RouteKey> = std::mem::take(&mut self.triggered).into_iter().collect();
-            let mut ifaces: Vec<IfaceId> = self.ifaces.keys().copied().collect();
+            let mut ifaces: Vec<(IfaceId, u16)> =
+                self.ifaces.iter().map(|(id, i)| (*id, centis(i.cfg.update_interval))).collect();
             ifaces.sort_unstable();
-            for &iface in &ifaces {
-                self.send_updates(now, iface, Destination::Multicast, &keys);
+            // The updates differ between interfaces only by the interval
+            // they announce: built (and their sources noted) once per
+            // interval, not once per tunnel, and shared by the queues, so
+            // that they are encoded once too (a cold start or a tunnel
+            // refresh sends hundreds of them on twenty tunnels).
+            let mut batches: Vec<(u16, Arc<[Message]>)> = Vec::new();
+            for &(iface, interval) in &ifaces {
+                if keys.is_empty() {
+                    break;
+                }
+                let msgs = match batches.iter().find(|(i, _)| *i == interval) {
+                    Some((_, msgs)) => msgs.clone(),
+                    None => {
+                        let msgs: Arc<[Message]> = self.updates_for(now, iface, &keys).into();
+                        batches.push((interval, msgs.clone()));
+                        msgs
+                    }
+                };
+                self.out_entry(iface, Destination::Multicast).push(Queued::Shared(msgs));
             }
             for key in &keys {
                 if let Some(rid) = self.route_ids.get(key)
@@ -1773,7 +1809,7 @@ impl Router {
             for q in &queued {
                 match q {
                     Queued::Msg(m) => b.push(m),
-                    Queued::Full(msgs) => {
+                    Queued::Shared(msgs) => {
                         // Only what starts a datagram encodes alike everywhere.
                         let first = b.is_empty();
                         match &self.encoded {
@@ -1887,7 +1923,8 @@ impl Router {
                 }
                 if let Some(key) = self.route_keys.get(&rid).copied() {
                     self.triggered.insert(key);
-                    self.flush_at = Some(now);
+                    let at = now + roughly(RESEND_FLUSH, self.next_random());
+                    self.flush_at = Some(self.flush_at.map_or(at, |t| t.min(at)));
                 }
             }
             Timer::Request(rid) => {
@@ -1977,8 +2014,8 @@ enum Urgency {
     Normal,
     /// Within about 100 ms.
     Fast,
-    /// At once, and repeated (retractions, source switches, seqno bumps
-    /// asked for).
+    /// Within about 10 ms, and repeated (retractions, source switches,
+    /// seqno bumps asked for).
     Resend,
 }
 

@@ -403,6 +403,11 @@ impl Default for Slot {
 }
 
 impl Slot {
+    /// An empty slot with room for `n` entries.
+    pub fn with_room(n: usize) -> Self {
+        Slot { entries: Vec::with_capacity(n), ..Slot::default() }
+    }
+
     /// Index of the selected entry.
     #[inline]
     pub fn selected(&self) -> Option<usize> {

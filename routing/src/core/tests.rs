@@ -330,6 +330,57 @@ fn a_pending_request_follows_the_route_and_ignores_drained_answers() {
     assert!(seqnos_of(&sent, "fd00:1::/64").contains(&2), "{sent:?}");
 }
 
+/// Urgent updates (here retractions of lost routes) wait about 10 ms, as
+/// babeld's urgent buffers do: the changes of a burst of packets share
+/// datagrams, first sends and repetitions alike, instead of a datagram per
+/// packet on every interface.
+#[test]
+fn urgent_updates_of_a_burst_share_datagrams() {
+    let t0 = Instant::now();
+    let mut r = three_neighbours(t0);
+    let prefixes = ["fd00:1::/64", "fd00:2::/64"];
+    for p in prefixes {
+        r.handle_packet(t0, 0, ll(2), &packet(&[update(p, 1, 100, 3000)]));
+    }
+    sent_within(&mut r, t0, Duration::from_secs(1));
+    // Both routes are lost, by two packets 2 ms apart.
+    let t = t0 + Duration::from_secs(1);
+    for (k, p) in prefixes.iter().enumerate() {
+        let at = t + Duration::from_millis(2 * k as u64);
+        r.handle_timeout(at);
+        r.handle_packet(at, 0, ll(2), &packet(&[update(p, 1, INFINITY, 3000)]));
+    }
+    // Every datagram on interface 1 within a second: (ms after t, prefixes retracted).
+    let mut datagrams = Vec::new();
+    let mut now = t + Duration::from_millis(2);
+    loop {
+        while let Some(x) = r.poll_transmit() {
+            let retracted: Vec<String> = wire::decode(&x.payload)
+                .unwrap()
+                .messages
+                .iter()
+                .filter_map(|m| match m {
+                    Message::Update { prefix: Some(p), metric: INFINITY, .. } => Some(p.to_string()),
+                    _ => None,
+                })
+                .collect();
+            if x.iface == 1 && !retracted.is_empty() {
+                datagrams.push(((now - t).as_millis(), retracted));
+            }
+        }
+        now += Duration::from_millis(1);
+        if now > t + Duration::from_secs(1) {
+            break;
+        }
+        r.handle_timeout(now);
+    }
+    assert_eq!(datagrams.len(), URGENT_REPEAT as usize, "{datagrams:?}");
+    for (ms, retracted) in &datagrams {
+        assert_eq!(retracted, &prefixes.map(String::from).to_vec(), "at {ms} ms: {datagrams:?}");
+    }
+    assert!((5..=20).contains(&datagrams[0].0), "first sent {} ms after the first loss", datagrams[0].0);
+}
+
 #[test]
 fn garbage_and_non_link_local_sources_are_counted_not_fatal() {
     let now = Instant::now();
@@ -629,7 +680,7 @@ fn shared_full_updates_encode_as_fresh_ones_do() {
             for q in &queued {
                 match q {
                     Queued::Msg(m) => b.push(m),
-                    Queued::Full(msgs) => msgs.iter().for_each(|m| b.push(m)),
+                    Queued::Shared(msgs) => msgs.iter().for_each(|m| b.push(m)),
                 }
             }
             all.extend(b.finish().into_iter().map(|payload| Transmit { iface, dst, payload }));
