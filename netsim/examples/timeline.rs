@@ -4,7 +4,8 @@
 //! took, the packets sent, the Babel updates the nodes received (changed:
 //! they changed a table; repeated: refreshed in bulk) and the seqno bumps
 //! (a node raising its own seqno, as asked by a starving node: it changes
-//! that node's route everywhere).
+//! that node's route everywhere); then, at the step's end, the tunnel ends
+//! (Babel interfaces) and selected routes of all nodes.
 //!
 //! `cargo run --release -p sixmesh-netsim --example timeline -- netsim/scenarios/thousand.toml [STEP_S [THREADS]]`
 
@@ -31,7 +32,7 @@ fn main() {
     };
     s.threads = threads;
     let (mut sim, _, _) = build(&s);
-    println!("virtual_s\twall_s\tpackets\tupdates_in\tchanged\trepeated\tbumps\ttunnels\tselected");
+    println!("virtual_s\twall_s\tpackets\tupdates_in\tchanged\trepeated\tbumps\ttunnel_ends\tselected");
     let mut seqnos: Vec<u16> = (0..sim.len()).map(|i| sim.node(i).router().seqno()).collect();
     let (mut packets, mut updates, mut changed, mut repeated) = (0, 0, 0, 0);
     let mut t = 0.0;
@@ -41,12 +42,12 @@ fn main() {
         let wall = w.elapsed().as_secs_f64();
         t += step;
         let (mut u, mut c, mut r, mut b) = (0, 0, 0, 0u64);
-        let (mut tunnels, mut selected) = (0, 0);
+        let (mut tunnel_ends, mut selected) = (0, 0);
         for (i, seqno) in seqnos.iter_mut().enumerate() {
             let router = sim.node(i).router();
             b += u64::from(router.seqno().wrapping_sub(*seqno));
             *seqno = router.seqno();
-            tunnels += router.interfaces().count();
+            tunnel_ends += router.interfaces().count();
             selected += router.selected_count();
             let st = router.stats();
             u += st.updates_in;
@@ -54,7 +55,7 @@ fn main() {
             r += st.updates_repeated;
         }
         println!(
-            "{t:.0}\t{wall:.2}\t{}\t{}\t{}\t{}\t{b}\t{tunnels}\t{selected}",
+            "{t:.0}\t{wall:.2}\t{}\t{}\t{}\t{}\t{b}\t{tunnel_ends}\t{selected}",
             sim.stats.packets - packets,
             u - updates,
             c - changed,
