@@ -15,7 +15,7 @@
 //! forwarding loops and measures the path's underlay latency.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::net::Ipv6Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -280,7 +280,7 @@ struct Ctx<'a> {
     cfg: &'a MeshConfig,
     alive: &'a [bool],
     island: &'a [u32],
-    overrides: &'a HashMap<(NodeId, NodeId), bool>,
+    overrides: &'a FxMap<(NodeId, NodeId), bool>,
     paths: &'a (dyn Fn(NodeId, NodeId) -> PathParams + Send + Sync),
     /// Nodes per part (the last part may have fewer).
     chunk: usize,
@@ -526,6 +526,9 @@ impl Ctx<'_> {
     }
 }
 
+/// Fewer walks than this per thread are not worth a thread.
+const WALKS_PER_THREAD: usize = 500;
+
 /// Parts of the nodes per simulation thread (see [`MeshSim`]).
 const PARTS_PER_THREAD: usize = 8;
 
@@ -554,7 +557,7 @@ pub struct MeshSim {
     lookahead: Duration,
     paths: Box<dyn Fn(NodeId, NodeId) -> PathParams + Send + Sync>,
     /// Paths set up or down by hand, overriding [`PathParams::broken`].
-    overrides: HashMap<(NodeId, NodeId), bool>,
+    overrides: FxMap<(NodeId, NodeId), bool>,
     /// Partition island of each node: paths between islands are down.
     island: Vec<u32>,
     /// [`MeshConfig::silent`], shared by the nodes' tunnel managers.
@@ -643,7 +646,7 @@ impl MeshSim {
             chunk,
             lookahead: if parts > 1 { lookahead } else { Duration::ZERO },
             paths: Box::new(paths),
-            overrides: HashMap::new(),
+            overrides: FxMap::default(),
             island: vec![0; n],
             silent_set: None,
             delivered: Vec::new(),
@@ -993,6 +996,23 @@ impl MeshSim {
             }
         }
         Walk::Reached { hops: path.len() - 1, latency }
+    }
+
+    /// [`MeshSim::walk`] for each pair, shared out to the simulation's
+    /// threads when there are many (a run samples thousands of pairs every
+    /// virtual second, while the other threads would wait).
+    pub fn walks(&self, pairs: &[(NodeId, NodeId)]) -> Vec<Walk> {
+        if self.threads < 2 || pairs.len() < WALKS_PER_THREAD * 2 {
+            return pairs.iter().map(|&(a, b)| self.walk(a, b)).collect();
+        }
+        let per = pairs.len().div_ceil(self.threads);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = pairs
+                .chunks(per)
+                .map(|c| s.spawn(move || c.iter().map(|&(a, b)| self.walk(a, b)).collect::<Vec<_>>()))
+                .collect();
+            parts.into_iter().flat_map(|p| p.join().expect("a walk panicked")).collect()
+        })
     }
 
     /// The connected components of the underlay among running nodes (a

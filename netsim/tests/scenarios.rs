@@ -227,6 +227,21 @@ fn threads_do_not_change_the_run() {
     assert_eq!(build(&s).0.threads(), 2);
 }
 
+/// Walks shared out to the threads find what walks one by one do.
+#[test]
+fn parallel_walks_match_walks_one_by_one() {
+    let mut s = shipped("europe-china.toml").scaled(48, 30.0);
+    s.threads = 2;
+    let (mut sim, _, _) = build(&s);
+    assert_eq!(sim.threads(), 2);
+    sim.run_for(Duration::from_secs(30));
+    let pairs: Vec<(usize, usize)> =
+        (0..48).flat_map(|a| (0..48).filter(move |&b| b != a).map(move |b| (a, b))).collect();
+    let one_by_one: Vec<Walk> = pairs.iter().map(|&(a, b)| sim.walk(a, b)).collect();
+    assert!(one_by_one.iter().filter(|w| matches!(w, Walk::Reached { .. })).count() > pairs.len() / 2);
+    assert_eq!(sim.walks(&pairs), one_by_one);
+}
+
 /// A tunnel closed on purpose (every node's refresh) is drained both ways
 /// first, so that no pair loses its route when it goes: with the peer's
 /// side left to notice the close, pairs were lost at every refresh (149
