@@ -1218,7 +1218,6 @@ impl Router {
             }
             return;
         }
-        let feasible = self.feasible(&key, router_id, seqno, refmetric);
         // A new destination's entries, one per neighbour, fill in together
         // (a new tunnel or a cold start): room for them all at once.
         let room = self.neighbours.len();
@@ -1272,13 +1271,15 @@ impl Router {
         // Answer seqno requests the route we now use satisfies.
         self.satisfy_requests(now, &key);
         // RFC 8966 §3.8.2.2: an unfeasible update for the selected route (or
-        // when nothing is selected) asks the source for a new seqno.
-        if !feasible {
-            let selected_elsewhere = self.routes[&key].selected().is_some() && !was_selected_here;
-            if !selected_elsewhere {
-                let want = self.sources.get(&(key, router_id)).map_or(seqno, |s| s.seqno.wrapping_add(1));
-                self.send_seqno_request(now, key, router_id, want, REQUEST_HOPS, vec![nbr]);
-            }
+        // when nothing is selected) asks the source for a new seqno. Nothing
+        // above changes the source table, so feasibility is checked only
+        // for those (a lookup that nearly always misses the cache, skipped
+        // for the many updates from neighbours whose routes are not used).
+        let selected_elsewhere =
+            self.routes.get(&key).is_some_and(|s| s.selected().is_some()) && !was_selected_here;
+        if !selected_elsewhere && !self.feasible(&key, router_id, seqno, refmetric) {
+            let want = self.sources.get(&(key, router_id)).map_or(seqno, |s| s.seqno.wrapping_add(1));
+            self.send_seqno_request(now, key, router_id, want, REQUEST_HOPS, vec![nbr]);
         }
         // The entry joins its datagram's group if the same update again
         // would only refresh it.
