@@ -1639,7 +1639,7 @@ impl Router {
             self.out_entry(iface, dst).push(Queued::Shared(msgs));
             return;
         }
-        // What `send_updates` would send for our prefixes and then every
+        // What `updates_for` would give for our prefixes and then every
         // selected route, in that order, built in one pass over the table
         // (this runs for every neighbour every update interval: looking each
         // route up again was a fifth of it).
@@ -1770,8 +1770,11 @@ impl Router {
         if self.flush_at.is_some_and(|t| t <= now) {
             self.flush_at = None;
             let keys: Vec<RouteKey> = std::mem::take(&mut self.triggered).into_iter().collect();
-            let mut ifaces: Vec<(IfaceId, u16)> =
-                self.ifaces.iter().map(|(id, i)| (*id, centis(i.cfg.update_interval))).collect();
+            let mut ifaces: Vec<(IfaceId, u16)> = if keys.is_empty() {
+                Vec::new()
+            } else {
+                self.ifaces.keys().map(|&id| (id, self.announced_interval(id))).collect()
+            };
             ifaces.sort_unstable();
             // The updates differ between interfaces only by the interval
             // they announce: built (and their sources noted) once per
@@ -1780,9 +1783,6 @@ impl Router {
             // refresh sends hundreds of them on twenty tunnels).
             let mut batches: Vec<(u16, Arc<[Message]>)> = Vec::new();
             for &(iface, interval) in &ifaces {
-                if keys.is_empty() {
-                    break;
-                }
                 let msgs = match batches.iter().find(|(i, _)| *i == interval) {
                     Some((_, msgs)) => msgs.clone(),
                     None => {
