@@ -239,9 +239,62 @@ struct Iface {
     hellos_sent: u16,
     /// When we last asked the whole link for its routes.
     requested: Instant,
-    /// The neighbours heard on this interface (one on a tunnel): every
-    /// Hello we send carries an IHU for each.
-    nbrs: Vec<u32>,
+    /// The neighbours heard on this interface (one on a tunnel), with
+    /// their addresses: every Hello we send carries an IHU for each, and a
+    /// packet finds its sender here without a lookup in `by_addr`.
+    nbrs: IfaceNbrs,
+    /// When its next Hello is due, on the timer heap's clock: its live
+    /// `Timer::Hello` (others in the heap are stale).
+    next_hello: u64,
+}
+
+/// An interface's neighbours: the first in place (a tunnel has one, and
+/// every packet looks it up: a separate allocation was a cache miss per
+/// packet), any others in a list.
+#[derive(Debug, Default)]
+struct IfaceNbrs {
+    first: Option<(u32, Ipv6Addr)>,
+    more: Vec<(u32, Ipv6Addr)>,
+}
+
+impl IfaceNbrs {
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, Ipv6Addr)> + '_ {
+        self.first.iter().chain(&self.more).copied()
+    }
+
+    fn push(&mut self, id: u32, addr: Ipv6Addr) {
+        match self.first {
+            None => self.first = Some((id, addr)),
+            Some(_) => self.more.push((id, addr)),
+        }
+    }
+
+    fn remove(&mut self, id: u32) {
+        if self.first.is_some_and(|(x, _)| x == id) {
+            self.first = if self.more.is_empty() { None } else { Some(self.more.remove(0)) };
+        } else {
+            self.more.retain(|(x, _)| *x != id);
+        }
+    }
+}
+
+impl Iface {
+    /// Beyond this many neighbours on an interface (a crowded LAN), they
+    /// are found through `Router::by_addr` rather than by a scan.
+    const SCANNED: usize = 8;
+
+    /// The id of the neighbour at `addr`, if the interface's short list
+    /// has it (`None`: unknown, or to be looked up in `by_addr`).
+    fn known_neighbour(&self, addr: Ipv6Addr) -> Option<u32> {
+        if self.nbrs.len() > Self::SCANNED {
+            return None;
+        }
+        self.nbrs.iter().find(|(_, a)| *a == addr).map(|(id, _)| id)
+    }
 }
 
 /// A full update's messages, kept to be sent again on the other interfaces
@@ -363,6 +416,12 @@ pub struct Router {
     decoded: wire::Decoded,
     /// A Hello's IHUs while it is queued (kept for its allocation).
     ihu_buf: Vec<Message>,
+    /// The interfaces a Hello timer sends on (kept for its allocation).
+    hello_buf: Vec<IfaceId>,
+    /// Hello timers in the heap that no longer count (moved to another
+    /// interface's, or their interface removed): while there are none,
+    /// the heap's top needs no check.
+    stale_hellos: u32,
     /// No route entry expires before this (a lower bound: refreshed entries
     /// only move away from it): the expiry sweep skips the table until then.
     min_expiry: Ticks,
@@ -423,6 +482,8 @@ impl Router {
             spare_queues: Vec::new(),
             decoded: wire::Decoded::default(),
             ihu_buf: Vec::new(),
+            hello_buf: Vec::new(),
+            stale_hellos: 0,
             min_expiry: Ticks::MAX,
             repeats: Repeats::default(),
             forming: None,
@@ -467,7 +528,14 @@ impl Router {
         let seqno = (self.next_random() & 0xffff) as u16;
         self.ifaces.insert(
             iface,
-            Iface { cfg, hello_seqno: seqno, hellos_sent: 0, requested: now, nbrs: Vec::new() },
+            Iface {
+                cfg,
+                hello_seqno: seqno,
+                hellos_sent: 0,
+                requested: now,
+                nbrs: IfaceNbrs::default(),
+                next_hello: 0,
+            },
         );
         self.update_min_hello();
         self.send_hello(now, iface);
@@ -478,7 +546,7 @@ impl Router {
             (c.hello_interval, c.update_interval)
         };
         let jitter = self.jitter(h);
-        self.schedule(now + h - jitter, Timer::Hello(iface));
+        self.schedule_hello(now + h - jitter, iface);
         let jitter = self.jitter(u);
         self.schedule(now + u - jitter, Timer::Update(iface));
         self.flush(now);
@@ -500,7 +568,7 @@ impl Router {
         }
         i.cfg.cost = cost;
         i.cfg.min_cost = cost;
-        let nbrs = i.nbrs.clone();
+        let nbrs: Vec<u32> = i.nbrs.iter().map(|(id, _)| id).collect();
         for &id in &nbrs {
             self.neighbour_changed(now, id);
         }
@@ -515,6 +583,7 @@ impl Router {
         if self.ifaces.remove(&iface).is_none() {
             return;
         }
+        self.stale_hellos += 1; // its Hello timer
         self.update_min_hello();
         let gone: Vec<u32> =
             self.neighbours.iter().filter(|(_, n)| n.iface == iface).map(|(id, _)| *id).collect();
@@ -574,16 +643,19 @@ impl Router {
     pub fn handle_packet(&mut self, now: Instant, iface: IfaceId, src: Ipv6Addr, bytes: &[u8]) {
         self.stats.packets_in += 1;
         self.stats.bytes_in += bytes.len() as u64;
-        if !is_link_local(&src) || !self.ifaces.contains_key(&iface) {
-            self.stats.packets_dropped += 1;
-            return;
-        }
+        let known = match self.ifaces.get(&iface) {
+            Some(i) if is_link_local(&src) => i.known_neighbour(src),
+            _ => {
+                self.stats.packets_dropped += 1;
+                return;
+            }
+        };
         // A datagram of updates (it starts with a Router-Id, Next-Hop or
         // Update TLV) may repeat one the neighbour sent before.
         let hash = (self.repeat_shortcut && matches!(bytes.get(4), Some(6..=8)))
             .then(|| repeats::datagram_hash(bytes));
         if let Some(h) = hash
-            && let Some(&nbr) = self.by_addr.get(&(iface, src))
+            && let Some(nbr) = known.or_else(|| self.by_addr.get(&(iface, src)).copied())
             && self.refresh_datagram(now, nbr, h)
         {
             self.flush(now);
@@ -599,7 +671,10 @@ impl Router {
             return;
         }
         self.stats.tlvs_dropped += u64::from(decoded.errors);
-        let nbr = self.neighbour_for(now, iface, src);
+        let nbr = match known {
+            Some(id) => id,
+            None => self.neighbour_for(now, iface, src),
+        };
         // RFC 9616: the Hello's timestamp in this packet is t3 for the IHUs.
         let mut packet_ts = None;
         for m in &decoded.messages {
@@ -789,16 +864,29 @@ impl Router {
         self.drop_stale_timers();
     }
 
-    /// Pops the neighbour timers at the top of the heap that a moved
-    /// deadline replaced (they would do nothing when they fire), so that
+    /// Pops the neighbour and Hello timers at the top of the heap that a
+    /// moved deadline replaced (they would do nothing when they fire), so that
     /// [`Router::poll_timeout`] does not wake the driver for them: every
     /// Hello moves its neighbour's deadline, and these wake-ups were half
     /// of a node's.
     fn drop_stale_timers(&mut self) {
-        while let Some(Reverse((at, _, Timer::Neighbour(id)))) = self.timers.peek().copied() {
-            let at = self.instant(at);
-            if self.neighbours.get(&id).is_some_and(|n| n.scheduled == Some(at)) {
+        while let Some(Reverse((at, _, timer))) = self.timers.peek().copied() {
+            let live = match timer {
+                Timer::Neighbour(id) => {
+                    let at = self.instant(at);
+                    self.neighbours.get(&id).is_some_and(|n| n.scheduled == Some(at))
+                }
+                // Moved by another interface's Hello (or removed).
+                Timer::Hello(iface) => {
+                    self.stale_hellos == 0 || self.ifaces.get(&iface).is_some_and(|i| i.next_hello == at)
+                }
+                _ => true,
+            };
+            if live {
                 break;
+            }
+            if let Timer::Hello(_) = timer {
+                self.stale_hellos = self.stale_hellos.saturating_sub(1);
             }
             self.timers.pop();
         }
@@ -896,7 +984,7 @@ impl Router {
         self.neighbours.insert(id, Neighbour::new(iface, addr, now));
         self.by_addr.insert((iface, addr), id);
         if let Some(i) = self.ifaces.get_mut(&iface) {
-            i.nbrs.push(id);
+            i.nbrs.push(id, addr);
         }
         tracing::debug!(iface, %addr, "new Babel neighbour");
         // Ask the newcomer for its routes, unless we just asked the whole
@@ -975,7 +1063,7 @@ impl Router {
         let Some(n) = self.neighbours.remove(&id) else { return };
         self.by_addr.remove(&(n.iface, n.addr));
         if let Some(i) = self.ifaces.get_mut(&n.iface) {
-            i.nbrs.retain(|x| *x != id);
+            i.nbrs.remove(id);
         }
         if n.was_up {
             self.events.push_back(Event::NeighbourDown { iface: n.iface, addr: n.addr });
@@ -1712,7 +1800,7 @@ impl Router {
         let ihu_interval = centis(cfg.hello_interval * u32::from(cfg.ihu_every()));
         // The interface's own list: scanning every neighbour for it cost
         // a cache miss per neighbour on each of twenty tunnels' Hellos.
-        ihus.extend(i.nbrs.iter().filter_map(|id| self.neighbours.get(id)).map(|n| Message::Ihu {
+        ihus.extend(i.nbrs.iter().filter_map(|(id, _)| self.neighbours.get(&id)).map(|n| Message::Ihu {
             rxcost: n.rxcost(cfg),
             interval: ihu_interval,
             addr: Some(IpAddr::V6(n.addr)),
@@ -1844,6 +1932,15 @@ impl Router {
 
     // ------------------------------------------------------------ timers
 
+    /// Schedules `iface`'s next Hello (its earlier timer becomes stale).
+    fn schedule_hello(&mut self, at: Instant, iface: IfaceId) {
+        let ns = self.nanos(at);
+        if let Some(i) = self.ifaces.get_mut(&iface) {
+            i.next_hello = ns;
+        }
+        self.schedule(at, Timer::Hello(iface));
+    }
+
     fn schedule(&mut self, at: Instant, t: Timer) {
         self.timer_seq += 1;
         let at = self.nanos(at);
@@ -1863,12 +1960,35 @@ impl Router {
     fn fire(&mut self, now: Instant, at: Instant, timer: Timer) {
         match timer {
             Timer::Hello(iface) => {
-                if let Some(i) = self.ifaces.get(&iface) {
-                    let h = i.cfg.hello_interval;
-                    self.send_hello(now, iface);
-                    let jitter = self.jitter(h);
-                    self.schedule(at.max(now - h) + h - jitter / 2, Timer::Hello(iface));
+                let Some(i) = self.ifaces.get(&iface).filter(|i| i.next_hello == self.nanos(at)) else {
+                    // Stale: sent with another interface's, or removed.
+                    self.stale_hellos = self.stale_hellos.saturating_sub(1);
+                    return;
+                };
+                let h = i.cfg.hello_interval;
+                let jitter = self.jitter(h);
+                let next = at.max(now - h) + h - jitter / 2;
+                // The interfaces of this interval whose Hello is due within
+                // half an interval send theirs now too (early, never late):
+                // a node's tunnels soon share one Hello timer, one wake-up
+                // per interval rather than one per tunnel.
+                let soon = self.nanos(now + h / 2);
+                let mut due = std::mem::take(&mut self.hello_buf);
+                due.extend(
+                    self.ifaces
+                        .iter()
+                        .filter(|(_, j)| j.cfg.hello_interval == h && j.next_hello <= soon)
+                        .map(|(id, _)| *id),
+                );
+                due.sort_unstable();
+                for &j in &due {
+                    self.send_hello(now, j);
+                    self.schedule_hello(next, j);
                 }
+                // Their earlier timers (the firing one's is popped).
+                self.stale_hellos += due.len().saturating_sub(1) as u32;
+                due.clear();
+                self.hello_buf = due;
             }
             Timer::Update(iface) => {
                 if let Some(i) = self.ifaces.get(&iface) {

@@ -2,6 +2,7 @@
 //! loops, failures, restarts, RTT) is tested on virtual time in
 //! `netsim/tests/babel_routing.rs`, which drives this same core.
 
+use std::collections::HashMap;
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
@@ -648,6 +649,63 @@ fn moved_neighbour_deadlines_wake_nobody() {
     assert_eq!(r.neighbours(next_hello).iter().filter(|n| n.cost < INFINITY).count(), 1);
 }
 
+/// A node's tunnels share one Hello timer: twenty interfaces added at
+/// scattered moments soon send their Hellos at the same instants (one
+/// wake-up per interval, not twenty), and none ever waits longer than its
+/// interval between two Hellos (they may only come early).
+#[test]
+fn interfaces_of_one_interval_share_hello_wakeups() {
+    let t0 = Instant::now();
+    let h = Duration::from_millis(500);
+    let mut r = Router::new(RouterId([2, 0, 0, 0, 0, 0, 0, 1]), 0, t0);
+    let ms = Duration::from_millis;
+    let mut last: HashMap<IfaceId, Instant> = HashMap::new();
+    let mut instants: Vec<(Instant, usize)> = Vec::new();
+    let mut now = t0;
+    let end = t0 + Duration::from_secs(20);
+    let mut added = 0;
+    let mut late_wakeups = 0;
+    while now < end {
+        // An interface every 37 ms for the first 20 (0.74 s).
+        let next_add = t0 + ms(37) * added;
+        let next = r.poll_timeout().expect("Hellos are due");
+        if added < 20 && next_add <= next {
+            now = next_add;
+            let mut c = InterfaceConfig::new(LinkKind::Tunnel, ll(1));
+            c.hello_interval = h;
+            c.update_interval = Duration::from_secs(600);
+            r.add_interface(now, added, c);
+            added += 1;
+        } else {
+            now = next;
+            r.handle_timeout(now);
+            if now >= t0 + Duration::from_secs(10) {
+                late_wakeups += 1;
+            }
+        }
+        let mut hellos = 0;
+        while let Some(t) = r.poll_transmit() {
+            let msgs = wire::decode(&t.payload).expect("our own packet").messages;
+            if msgs.iter().any(|m| matches!(m, Message::Hello { .. })) {
+                hellos += 1;
+                if let Some(prev) = last.insert(t.iface, now) {
+                    assert!(now - prev <= h, "iface {}: {:?} between Hellos", t.iface, now - prev);
+                }
+            }
+        }
+        if hellos > 0 {
+            instants.push((now, hellos));
+        }
+    }
+    // In the last 10 s, every Hello instant sends on all twenty.
+    let late: Vec<_> = instants.iter().filter(|(t, _)| *t >= t0 + Duration::from_secs(10)).collect();
+    assert!(late.len() >= 20, "{} Hello instants in 10 s", late.len());
+    assert!(late.iter().all(|(_, n)| *n == 20), "{late:?}");
+    // Nor do the timers they replaced wake the router (the route sweeps
+    // do, every 2 s).
+    assert!(late_wakeups <= late.len() + 6, "{late_wakeups} wake-ups for {} Hello instants", late.len());
+}
+
 /// A full update is encoded once per MTU and copied to the next
 /// interface: every queue gives the bytes a fresh encoding of its messages
 /// gives, with the full update alone or between other messages, on
@@ -1056,4 +1114,26 @@ fn a_changed_then_restored_route_is_refreshed_by_its_chunk() {
     // Groups left behind are reused: one per chunk of 8 of the first
     // datagram (the second is too short to repeat by groups).
     assert!(fast.repeats.in_use() <= 5, "{} groups", fast.repeats.in_use());
+}
+
+/// An interface's neighbour list keeps every neighbour through pushes and
+/// removals, whichever is in the first place.
+#[test]
+fn iface_neighbours_survive_pushes_and_removals() {
+    let mut n = IfaceNbrs::default();
+    assert_eq!(n.len(), 0);
+    for id in 1..=4 {
+        n.push(id, ll(id as u16));
+    }
+    assert_eq!(n.iter().map(|(id, _)| id).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    n.remove(1);
+    n.remove(3);
+    assert_eq!(n.iter().collect::<Vec<_>>(), [(2, ll(2)), (4, ll(4))]);
+    n.remove(7);
+    assert_eq!(n.len(), 2);
+    n.remove(2);
+    n.remove(4);
+    assert_eq!((n.len(), n.iter().count()), (0, 0));
+    n.push(9, ll(9));
+    assert_eq!(n.iter().collect::<Vec<_>>(), [(9, ll(9))]);
 }
