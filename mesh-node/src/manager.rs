@@ -10,7 +10,7 @@
 //! Outputs ([`Action`]): connect, disconnect, ask the registry or the mesh
 //! for peers.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use ipnet::Ipv6Net;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use sixmesh_routing::core::FxBuildHasher;
 
 /// First wait before asking the registry for peers again.
 const FIRST_BOOTSTRAP_RETRY: Duration = Duration::from_secs(10);
@@ -142,7 +143,7 @@ pub struct TunnelManager {
     tunnels: BTreeMap<PeerId, Tunnel>,
     /// Prefixes Babel routes to: candidates for new tunnels even without a
     /// known endpoint (we then ask the mesh for one).
-    distant: BTreeSet<PeerId>,
+    distant: HashSet<PeerId, FxBuildHasher>,
     /// `None`: every peer announces its prefix.
     announcing: Option<Announcing>,
     next_check: Instant,
@@ -167,7 +168,7 @@ impl TunnelManager {
             candidates: BTreeMap::new(),
             failed: BTreeMap::new(),
             tunnels: BTreeMap::new(),
-            distant: BTreeSet::new(),
+            distant: HashSet::default(),
             announcing: None,
             last_incoming: None,
             started: now,
@@ -495,6 +496,7 @@ impl TunnelManager {
             })
             .copied()
             .collect();
+        unknown.sort_unstable(); // the set's order is its hashes'
         unknown.shuffle(&mut self.rng);
         for peer in unknown.into_iter().take(still_missing) {
             self.actions.push_back(Action::RequestEndpoints { peer });
@@ -561,6 +563,8 @@ fn draw_without_replacement(n: usize, k: usize, rng: &mut StdRng) -> Vec<usize> 
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn p(i: u16) -> PeerId {

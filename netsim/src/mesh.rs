@@ -526,6 +526,83 @@ impl Ctx<'_> {
     }
 }
 
+/// Moves every part's outbox into the queues of the parts the events are
+/// for, and gathers counters and probes.
+fn hand_over<P: std::borrow::BorrowMut<Part>>(
+    parts: &mut [P],
+    chunk: usize,
+    stats: &mut MeshStats,
+    delivered: &mut Vec<(NodeId, NodeId, Instant)>,
+) {
+    for p in 0..parts.len() {
+        let part = parts[p].borrow_mut();
+        let out = std::mem::take(&mut part.outbox);
+        let s = std::mem::take(&mut part.stats);
+        delivered.append(&mut part.delivered);
+        stats.packets += s.packets;
+        stats.bytes += s.bytes;
+        stats.lost += s.lost;
+        for (t, from, seq, ev) in out {
+            let to = ev.at_node() / chunk;
+            parts[to].borrow_mut().insert((t, from, seq), ev);
+        }
+    }
+}
+
+/// A part to run for a window, on whichever thread takes it.
+struct Job {
+    k: usize,
+    nodes: Vec<Node>,
+    part: Part,
+    now: Instant,
+    end: Instant,
+}
+
+/// The parts of a window, waiting for threads.
+#[derive(Default)]
+struct WorkQueue {
+    jobs: std::sync::Mutex<(Vec<Job>, bool)>,
+    ready: std::sync::Condvar,
+}
+
+impl WorkQueue {
+    fn give(&self, jobs: Vec<Job>) {
+        let mut q = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        q.0.extend(jobs);
+        self.ready.notify_all();
+    }
+
+    /// The next job; `wait`: until there is one or the queue is closed.
+    fn take(&self, wait: bool) -> Option<Job> {
+        let mut q = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(j) = q.0.pop() {
+                return Some(j);
+            }
+            if q.1 || !wait {
+                return None;
+            }
+            q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.ready.notify_all();
+    }
+}
+
+/// Closes the queue if the thread holding it panics.
+struct CloseOnPanic<'a>(&'a WorkQueue);
+
+impl Drop for CloseOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.close();
+        }
+    }
+}
+
 /// Fewer walks than this per thread are not worth a thread.
 const WALKS_PER_THREAD: usize = 500;
 
@@ -863,76 +940,126 @@ impl MeshSim {
     /// Moves every part's outbox into the queues of the parts the events
     /// are for, and gathers counters and probes.
     fn hand_over(&mut self) {
-        for p in 0..self.parts.len() {
-            let out = std::mem::take(&mut self.parts[p].outbox);
-            for (t, from, seq, ev) in out {
-                let to = ev.at_node() / self.chunk;
-                self.parts[to].insert((t, from, seq), ev);
-            }
-            let s = std::mem::take(&mut self.parts[p].stats);
-            self.stats.packets += s.packets;
-            self.stats.bytes += s.bytes;
-            self.stats.lost += s.lost;
-            self.delivered.append(&mut self.parts[p].delivered);
-        }
+        hand_over(&mut self.parts, self.chunk, &mut self.stats, &mut self.delivered);
     }
 
     /// Runs `d` of virtual time.
     pub fn run_for(&mut self, d: Duration) {
         let until = self.now + d;
-        loop {
-            // Start the window at the next thing due anywhere.
-            let (start, chunk) = (self.start, self.chunk);
-            let next = self
-                .parts
-                .iter_mut()
-                .zip(self.nodes.chunks(chunk))
-                .enumerate()
-                .filter_map(|(k, (p, nodes))| p.next_due(start, nodes, k * chunk, &self.alive))
-                .min();
-            let Some(next) = next else { break };
-            if next > until {
-                break;
-            }
-            let now = self.now.max(next);
-            let end = if self.parts.len() > 1 {
-                // Anything sent at `now` or later arrives after `end`.
-                (now + self.lookahead - Duration::from_nanos(1)).min(until)
-            } else {
-                until
-            };
-            let ctx = ctx!(self);
-            if self.threads > 1 {
-                let work: Vec<_> =
-                    self.nodes.chunks_mut(chunk).zip(self.parts.iter_mut()).enumerate().collect();
-                let work = std::sync::Mutex::new(work);
-                let run = || {
-                    loop {
-                        let next = work.lock().expect("not poisoned").pop();
-                        let Some((k, (nodes, part))) = next else { return };
-                        ctx.run_part(nodes, k * chunk, k, part, now, end);
-                    }
-                };
-                // The threads log where the caller's thread does (e.g.
-                // nowhere: `sixmesh sim` silences the nodes).
-                let logs = tracing::dispatcher::get_default(|d| d.clone());
-                std::thread::scope(|s| {
-                    for _ in 1..self.threads {
-                        let logs = &logs;
-                        s.spawn(move || tracing::dispatcher::with_default(logs, run));
-                    }
-                    run();
-                });
-            } else {
-                ctx.run_part(&mut self.nodes, 0, 0, &mut self.parts[0], now, end);
-            }
-            self.hand_over();
-            self.now = end;
-            if end >= until {
-                break;
+        if self.threads > 1 && self.parts.len() > 1 {
+            self.run_parallel(until);
+        } else {
+            let start = self.start;
+            while let Some(next) = self.parts[0].next_due(start, &self.nodes, 0, &self.alive)
+                && next <= until
+            {
+                let now = self.now.max(next);
+                let ctx = ctx!(self);
+                ctx.run_part(&mut self.nodes, 0, 0, &mut self.parts[0], now, until);
+                self.hand_over();
+                self.now = until;
             }
         }
         self.now = until;
+    }
+
+    /// [`MeshSim::run_for`] on several threads, until `until`: window after
+    /// window, every part runs on whichever thread is free. The threads
+    /// live as long as the call (a thread started per window cost about a
+    /// twentieth of a large run: its start, and its allocator's clean-up at
+    /// exit); the parts and their nodes move to them and back each window.
+    fn run_parallel(&mut self, until: Instant) {
+        let (start, chunk, lookahead) = (self.start, self.chunk, self.lookahead);
+        let mut all = std::mem::take(&mut self.nodes);
+        let mut chunks: Vec<Vec<Node>> = Vec::with_capacity(self.parts.len());
+        for k in (0..self.parts.len()).rev() {
+            chunks.push(all.split_off((k * chunk).min(all.len())));
+        }
+        chunks.reverse();
+        let parts = std::mem::take(&mut self.parts);
+        let mut slots: Vec<Option<(Vec<Node>, Part)>> = chunks.into_iter().zip(parts).map(Some).collect();
+        let queue = WorkQueue::default();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<Job>();
+        let ctx = ctx!(self);
+        let (stats, delivered, sim_now) = (&mut self.stats, &mut self.delivered, &mut self.now);
+        // The threads log where the caller's thread does (e.g. nowhere:
+        // `sixmesh sim` silences the nodes).
+        let logs = tracing::dispatcher::get_default(|d| d.clone());
+        std::thread::scope(|s| {
+            for _ in 1..self.threads {
+                let (queue, ctx, logs, done) = (&queue, &ctx, &logs, done_tx.clone());
+                s.spawn(move || {
+                    // A panicking thread closes the queue: the others stop,
+                    // and the caller, short of a part, panics too.
+                    let _guard = CloseOnPanic(queue);
+                    tracing::dispatcher::with_default(logs, || {
+                        while let Some(mut job) = queue.take(true) {
+                            ctx.run_part(
+                                &mut job.nodes,
+                                job.k * chunk,
+                                job.k,
+                                &mut job.part,
+                                job.now,
+                                job.end,
+                            );
+                            if done.send(job).is_err() {
+                                return;
+                            }
+                        }
+                    })
+                });
+            }
+            drop(done_tx);
+            let _guard = CloseOnPanic(&queue);
+            loop {
+                // Start the window at the next thing due anywhere.
+                let next = slots
+                    .iter_mut()
+                    .enumerate()
+                    .filter_map(|(k, slot)| {
+                        let (nodes, part) = slot.as_mut().expect("every part is back");
+                        part.next_due(start, nodes, k * chunk, ctx.alive)
+                    })
+                    .min();
+                let Some(next) = next.filter(|t| *t <= until) else { break };
+                let now = (*sim_now).max(next);
+                // Anything sent at `now` or later arrives after `end`.
+                let end = (now + lookahead - Duration::from_nanos(1)).min(until);
+                let jobs: Vec<Job> = slots
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(k, slot)| {
+                        let (nodes, part) = slot.take().expect("every part is back");
+                        Job { k, nodes, part, now, end }
+                    })
+                    .collect();
+                let mut missing = jobs.len();
+                queue.give(jobs);
+                // This thread works too, then waits for the rest.
+                while let Some(mut job) = queue.take(false) {
+                    ctx.run_part(&mut job.nodes, job.k * chunk, job.k, &mut job.part, job.now, job.end);
+                    slots[job.k] = Some((job.nodes, job.part));
+                    missing -= 1;
+                }
+                while missing > 0 {
+                    let job = done_rx.recv().expect("a simulation thread panicked");
+                    slots[job.k] = Some((job.nodes, job.part));
+                    missing -= 1;
+                }
+                let mut parts: Vec<&mut Part> =
+                    slots.iter_mut().map(|s| &mut s.as_mut().expect("back").1).collect();
+                hand_over(&mut parts, chunk, stats, delivered);
+                *sim_now = end;
+                if end >= until {
+                    break;
+                }
+            }
+            queue.close();
+        });
+        for (nodes, part) in slots.into_iter().map(|s| s.expect("every part is back")) {
+            self.nodes.extend(nodes);
+            self.parts.push(part);
+        }
     }
 
     /// Sends a probe from node `a`'s machine to node `b`'s mesh address.
