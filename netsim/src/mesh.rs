@@ -948,17 +948,13 @@ impl MeshSim {
         let until = self.now + d;
         if self.threads > 1 && self.parts.len() > 1 {
             self.run_parallel(until);
-        } else {
-            let start = self.start;
-            while let Some(next) = self.parts[0].next_due(start, &self.nodes, 0, &self.alive)
-                && next <= until
-            {
-                let now = self.now.max(next);
-                let ctx = ctx!(self);
-                ctx.run_part(&mut self.nodes, 0, 0, &mut self.parts[0], now, until);
-                self.hand_over();
-                self.now = until;
-            }
+        } else if let Some(next) = self.parts[0].next_due(self.start, &self.nodes, 0, &self.alive)
+            && next <= until
+        {
+            // One part: no windows, everything due up to `until` at once.
+            let ctx = ctx!(self);
+            ctx.run_part(&mut self.nodes, 0, 0, &mut self.parts[0], self.now.max(next), until);
+            self.hand_over();
         }
         self.now = until;
     }

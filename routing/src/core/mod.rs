@@ -877,9 +877,7 @@ impl Router {
                     self.neighbours.get(&id).is_some_and(|n| n.scheduled == Some(at))
                 }
                 // Moved by another interface's Hello (or removed).
-                Timer::Hello(iface) => {
-                    self.stale_hellos == 0 || self.ifaces.get(&iface).is_some_and(|i| i.next_hello == at)
-                }
+                Timer::Hello(iface) => self.stale_hellos == 0 || self.hello_live(at, iface),
                 _ => true,
             };
             if live {
@@ -1932,6 +1930,12 @@ impl Router {
 
     // ------------------------------------------------------------ timers
 
+    /// Whether a Hello timer for `iface` at `at` (the heap's clock) is the
+    /// interface's live one.
+    fn hello_live(&self, at: u64, iface: IfaceId) -> bool {
+        self.ifaces.get(&iface).is_some_and(|i| i.next_hello == at)
+    }
+
     /// Schedules `iface`'s next Hello (its earlier timer becomes stale).
     fn schedule_hello(&mut self, at: Instant, iface: IfaceId) {
         let ns = self.nanos(at);
@@ -1960,12 +1964,12 @@ impl Router {
     fn fire(&mut self, now: Instant, at: Instant, timer: Timer) {
         match timer {
             Timer::Hello(iface) => {
-                let Some(i) = self.ifaces.get(&iface).filter(|i| i.next_hello == self.nanos(at)) else {
+                if !self.hello_live(self.nanos(at), iface) {
                     // Stale: sent with another interface's, or removed.
                     self.stale_hellos = self.stale_hellos.saturating_sub(1);
                     return;
-                };
-                let h = i.cfg.hello_interval;
+                }
+                let h = self.ifaces[&iface].cfg.hello_interval;
                 let jitter = self.jitter(h);
                 let next = at.max(now - h) + h - jitter / 2;
                 // The interfaces of this interval whose Hello is due within
