@@ -594,7 +594,7 @@ impl NodeCore {
                     Destination::Multicast => BABEL_GROUP,
                     Destination::Unicast(a) => a,
                 };
-                let p = packet::build_udp(self.ll, dst, BABEL_PORT, 1, &t.payload);
+                let p = packet::wrap_udp(self.ll, dst, BABEL_PORT, 1, t.payload);
                 self.send(peer, p);
             }
             if !busy {

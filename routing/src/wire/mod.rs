@@ -558,7 +558,7 @@ fn addr_ae(a: &IpAddr) -> (u8, Vec<u8>) {
 /// when they change, and cuts the result into packets of at most `mtu`
 /// bytes of UDP payload. Emits no prefix compression and never more than one
 /// sub-TLV per TLV (babeld 1.12.1 mis-parses more).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct PacketBuilder {
     mtu: usize,
     packets: Vec<Vec<u8>>,
@@ -570,6 +570,10 @@ pub struct PacketBuilder {
 impl PacketBuilder {
     /// Smallest packet size accepted: one message with all its state TLVs fits.
     pub const MIN_MTU: usize = 128;
+
+    /// Capacity each packet has past its bytes, so that a driver can put its
+    /// own headers in front (IPv6 and UDP: 48 bytes) without reallocating.
+    pub const SPARE: usize = 64;
 
     /// A builder whose packets hold at most `mtu` bytes (at least [`Self::MIN_MTU`]).
     pub fn new(mtu: usize) -> Self {
@@ -650,7 +654,7 @@ impl PacketBuilder {
         if self.current.is_empty() {
             // A Hello with its IHUs is up to a few hundred bytes: one
             // allocation, not four growing ones.
-            self.current.reserve(self.mtu);
+            self.current.reserve(self.mtu + Self::SPARE);
             self.current.extend([tlv::MAGIC, tlv::VERSION, 0, 0]);
         }
         &mut self.current
@@ -678,7 +682,7 @@ impl PacketBuilder {
             self.flush_current();
         }
         if self.current.is_empty() {
-            self.current.reserve(self.mtu);
+            self.current.reserve(self.mtu + Self::SPARE);
             self.current.extend([tlv::MAGIC, tlv::VERSION, 0, 0]);
         }
         // After a flush the new packet needs the Router-Id again.
@@ -834,6 +838,26 @@ impl PacketBuilder {
     pub fn finish(mut self) -> Vec<Vec<u8>> {
         self.flush_current();
         self.packets
+    }
+}
+
+/// A copy whose packets keep [`PacketBuilder::SPARE`] capacity (a derived
+/// clone would make them exactly as long as their bytes).
+impl Clone for PacketBuilder {
+    fn clone(&self) -> Self {
+        let copy = |p: &Vec<u8>, room: usize| {
+            let mut c = Vec::with_capacity(room + Self::SPARE);
+            c.extend_from_slice(p);
+            c
+        };
+        PacketBuilder {
+            mtu: self.mtu,
+            packets: self.packets.iter().map(|p| copy(p, p.len())).collect(),
+            // Still being filled: room for a whole packet.
+            current: if self.current.is_empty() { Vec::new() } else { copy(&self.current, self.mtu) },
+            router_id: self.router_id,
+            next_hop: self.next_hop,
+        }
     }
 }
 
