@@ -246,6 +246,8 @@ struct Iface {
     /// When its next Hello is due, on the timer heap's clock: its live
     /// `Timer::Hello` (others in the heap are stale).
     next_hello: u64,
+    /// The same for its periodic full update and `Timer::Update`.
+    next_update: u64,
 }
 
 /// An interface's neighbours: the first in place (a tunnel has one, and
@@ -416,12 +418,13 @@ pub struct Router {
     decoded: wire::Decoded,
     /// A Hello's IHUs while it is queued (kept for its allocation).
     ihu_buf: Vec<Message>,
-    /// The interfaces a Hello timer sends on (kept for its allocation).
-    hello_buf: Vec<IfaceId>,
-    /// Hello timers in the heap that no longer count (moved to another
-    /// interface's, or their interface removed): while there are none,
-    /// the heap's top needs no check.
-    stale_hellos: u32,
+    /// The interfaces a Hello or Update timer sends on (kept for its
+    /// allocation).
+    periodic_buf: Vec<IfaceId>,
+    /// Hello and Update timers in the heap that no longer count (moved to
+    /// another interface's, or their interface removed): while there are
+    /// none, the heap's top needs no check.
+    stale_periodic: u32,
     /// No route entry expires before this (a lower bound: refreshed entries
     /// only move away from it): the expiry sweep skips the table until then.
     min_expiry: Ticks,
@@ -482,8 +485,8 @@ impl Router {
             spare_queues: Vec::new(),
             decoded: wire::Decoded::default(),
             ihu_buf: Vec::new(),
-            hello_buf: Vec::new(),
-            stale_hellos: 0,
+            periodic_buf: Vec::new(),
+            stale_periodic: 0,
             min_expiry: Ticks::MAX,
             repeats: Repeats::default(),
             forming: None,
@@ -535,6 +538,7 @@ impl Router {
                 requested: now,
                 nbrs: IfaceNbrs::default(),
                 next_hello: 0,
+                next_update: 0,
             },
         );
         self.update_min_hello();
@@ -546,9 +550,9 @@ impl Router {
             (c.hello_interval, c.update_interval)
         };
         let jitter = self.jitter(h);
-        self.schedule_hello(now + h - jitter, iface);
+        self.schedule_periodic(now + h - jitter, Timer::Hello(iface));
         let jitter = self.jitter(u);
-        self.schedule(now + u - jitter, Timer::Update(iface));
+        self.schedule_periodic(now + u - jitter, Timer::Update(iface));
         self.flush(now);
     }
 
@@ -583,7 +587,7 @@ impl Router {
         if self.ifaces.remove(&iface).is_none() {
             return;
         }
-        self.stale_hellos += 1; // its Hello timer
+        self.stale_periodic += 2; // its Hello and Update timers
         self.update_min_hello();
         let gone: Vec<u32> =
             self.neighbours.iter().filter(|(_, n)| n.iface == iface).map(|(id, _)| *id).collect();
@@ -876,15 +880,17 @@ impl Router {
                     let at = self.instant(at);
                     self.neighbours.get(&id).is_some_and(|n| n.scheduled == Some(at))
                 }
-                // Moved by another interface's Hello (or removed).
-                Timer::Hello(iface) => self.stale_hellos == 0 || self.hello_live(at, iface),
+                // Moved by another interface's (or removed).
+                Timer::Hello(_) | Timer::Update(_) => {
+                    self.stale_periodic == 0 || self.periodic_live(at, timer)
+                }
                 _ => true,
             };
             if live {
                 break;
             }
-            if let Timer::Hello(_) = timer {
-                self.stale_hellos = self.stale_hellos.saturating_sub(1);
+            if let Timer::Hello(_) | Timer::Update(_) = timer {
+                self.stale_periodic = self.stale_periodic.saturating_sub(1);
             }
             self.timers.pop();
         }
@@ -1930,19 +1936,69 @@ impl Router {
 
     // ------------------------------------------------------------ timers
 
-    /// Whether a Hello timer for `iface` at `at` (the heap's clock) is the
+    /// Whether a Hello or Update timer at `at` (the heap's clock) is its
     /// interface's live one.
-    fn hello_live(&self, at: u64, iface: IfaceId) -> bool {
-        self.ifaces.get(&iface).is_some_and(|i| i.next_hello == at)
+    fn periodic_live(&self, at: u64, timer: Timer) -> bool {
+        match timer {
+            Timer::Hello(iface) => self.ifaces.get(&iface).is_some_and(|i| i.next_hello == at),
+            Timer::Update(iface) => self.ifaces.get(&iface).is_some_and(|i| i.next_update == at),
+            _ => true,
+        }
     }
 
-    /// Schedules `iface`'s next Hello (its earlier timer becomes stale).
-    fn schedule_hello(&mut self, at: Instant, iface: IfaceId) {
+    /// Schedules an interface's next Hello or full update (its earlier
+    /// timer becomes stale).
+    fn schedule_periodic(&mut self, at: Instant, timer: Timer) {
         let ns = self.nanos(at);
-        if let Some(i) = self.ifaces.get_mut(&iface) {
-            i.next_hello = ns;
+        match timer {
+            Timer::Hello(iface) => self.ifaces.get_mut(&iface).into_iter().for_each(|i| i.next_hello = ns),
+            Timer::Update(iface) => self.ifaces.get_mut(&iface).into_iter().for_each(|i| i.next_update = ns),
+            _ => {}
         }
-        self.schedule(at, Timer::Hello(iface));
+        self.schedule(at, timer);
+    }
+
+    /// Sends `iface`'s Hello (`hello`) or full update, and those of every
+    /// interface of the same interval whose own is due within half an
+    /// interval: early, never late. A node's tunnels soon share one timer of
+    /// each kind, one wake-up per interval rather than one per tunnel, and a
+    /// full update built once serves them all (built apart, each was built
+    /// anew whenever a route had changed in between).
+    fn fire_periodic(&mut self, now: Instant, at: Instant, iface: IfaceId, hello: bool) {
+        let timer = if hello { Timer::Hello(iface) } else { Timer::Update(iface) };
+        if !self.periodic_live(self.nanos(at), timer) {
+            // Stale: sent with another interface's, or removed.
+            self.stale_periodic = self.stale_periodic.saturating_sub(1);
+            return;
+        }
+        let interval = |c: &InterfaceConfig| if hello { c.hello_interval } else { c.update_interval };
+        let h = interval(&self.ifaces[&iface].cfg);
+        let jitter = self.jitter(h);
+        let next = at.max(now - h) + h - jitter / 2;
+        let soon = self.nanos(now + h / 2);
+        let mut due = std::mem::take(&mut self.periodic_buf);
+        due.extend(
+            self.ifaces
+                .iter()
+                .filter(|(_, j)| {
+                    interval(&j.cfg) == h && (if hello { j.next_hello } else { j.next_update }) <= soon
+                })
+                .map(|(id, _)| *id),
+        );
+        due.sort_unstable();
+        for &j in &due {
+            if hello {
+                self.send_hello(now, j);
+                self.schedule_periodic(next, Timer::Hello(j));
+            } else {
+                self.send_full_update(now, j, Destination::Multicast);
+                self.schedule_periodic(next, Timer::Update(j));
+            }
+        }
+        // Their earlier timers (the firing one's is popped).
+        self.stale_periodic += due.len().saturating_sub(1) as u32;
+        due.clear();
+        self.periodic_buf = due;
     }
 
     fn schedule(&mut self, at: Instant, t: Timer) {
@@ -1963,45 +2019,8 @@ impl Router {
 
     fn fire(&mut self, now: Instant, at: Instant, timer: Timer) {
         match timer {
-            Timer::Hello(iface) => {
-                if !self.hello_live(self.nanos(at), iface) {
-                    // Stale: sent with another interface's, or removed.
-                    self.stale_hellos = self.stale_hellos.saturating_sub(1);
-                    return;
-                }
-                let h = self.ifaces[&iface].cfg.hello_interval;
-                let jitter = self.jitter(h);
-                let next = at.max(now - h) + h - jitter / 2;
-                // The interfaces of this interval whose Hello is due within
-                // half an interval send theirs now too (early, never late):
-                // a node's tunnels soon share one Hello timer, one wake-up
-                // per interval rather than one per tunnel.
-                let soon = self.nanos(now + h / 2);
-                let mut due = std::mem::take(&mut self.hello_buf);
-                due.extend(
-                    self.ifaces
-                        .iter()
-                        .filter(|(_, j)| j.cfg.hello_interval == h && j.next_hello <= soon)
-                        .map(|(id, _)| *id),
-                );
-                due.sort_unstable();
-                for &j in &due {
-                    self.send_hello(now, j);
-                    self.schedule_hello(next, j);
-                }
-                // Their earlier timers (the firing one's is popped).
-                self.stale_hellos += due.len().saturating_sub(1) as u32;
-                due.clear();
-                self.hello_buf = due;
-            }
-            Timer::Update(iface) => {
-                if let Some(i) = self.ifaces.get(&iface) {
-                    let u = i.cfg.update_interval;
-                    self.send_full_update(now, iface, Destination::Multicast);
-                    let jitter = self.jitter(u);
-                    self.schedule(at.max(now - u) + u - jitter / 2, Timer::Update(iface));
-                }
-            }
+            Timer::Hello(iface) => self.fire_periodic(now, at, iface, true),
+            Timer::Update(iface) => self.fire_periodic(now, at, iface, false),
             Timer::Neighbour(id) => {
                 // A stale one (its deadline moved since) does nothing; the
                 // live one is at a deadline now due.

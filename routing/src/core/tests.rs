@@ -655,9 +655,24 @@ fn moved_neighbour_deadlines_wake_nobody() {
 /// interval between two Hellos (they may only come early).
 #[test]
 fn interfaces_of_one_interval_share_hello_wakeups() {
+    shared_periodic_wakeups(true);
+}
+
+#[test]
+fn interfaces_of_one_interval_share_full_update_wakeups() {
+    shared_periodic_wakeups(false);
+}
+
+/// Twenty interfaces added 37 ms apart: after 10 s, every instant that
+/// sends a Hello (`hello`) or a full update sends it on all twenty, none
+/// is ever later than its interval after the last, and the timers they
+/// replaced do not wake the router.
+fn shared_periodic_wakeups(hello: bool) {
     let t0 = Instant::now();
     let h = Duration::from_millis(500);
     let mut r = Router::new(RouterId([2, 0, 0, 0, 0, 0, 0, 1]), 0, t0);
+    // Something to put in full updates.
+    r.announce(t0, "2001:db8:1::/64".parse().unwrap(), None);
     let ms = Duration::from_millis;
     let mut last: HashMap<IfaceId, Instant> = HashMap::new();
     let mut instants: Vec<(Instant, usize)> = Vec::new();
@@ -668,12 +683,12 @@ fn interfaces_of_one_interval_share_hello_wakeups() {
     while now < end {
         // An interface every 37 ms for the first 20 (0.74 s).
         let next_add = t0 + ms(37) * added;
-        let next = r.poll_timeout().expect("Hellos are due");
+        let next = r.poll_timeout().expect("timers are due");
         if added < 20 && next_add <= next {
             now = next_add;
             let mut c = InterfaceConfig::new(LinkKind::Tunnel, ll(1));
-            c.hello_interval = h;
-            c.update_interval = Duration::from_secs(600);
+            // The other kind rarely.
+            (c.hello_interval, c.update_interval) = if hello { (h, ms(600_000)) } else { (ms(60_000), h) };
             r.add_interface(now, added, c);
             added += 1;
         } else {
@@ -683,27 +698,32 @@ fn interfaces_of_one_interval_share_hello_wakeups() {
                 late_wakeups += 1;
             }
         }
-        let mut hellos = 0;
+        let mut sent = 0;
         while let Some(t) = r.poll_transmit() {
             let msgs = wire::decode(&t.payload).expect("our own packet").messages;
-            if msgs.iter().any(|m| matches!(m, Message::Hello { .. })) {
-                hellos += 1;
+            let ours = |m: &Message| match m {
+                Message::Hello { .. } => hello,
+                Message::Update { metric: 0, .. } => !hello,
+                _ => false,
+            };
+            if msgs.iter().any(ours) {
+                sent += 1;
                 if let Some(prev) = last.insert(t.iface, now) {
-                    assert!(now - prev <= h, "iface {}: {:?} between Hellos", t.iface, now - prev);
+                    assert!(now - prev <= h, "iface {}: {:?} between sends", t.iface, now - prev);
                 }
             }
         }
-        if hellos > 0 {
-            instants.push((now, hellos));
+        if sent > 0 {
+            instants.push((now, sent));
         }
     }
-    // In the last 10 s, every Hello instant sends on all twenty.
+    // In the last 10 s, every instant sends on all twenty.
     let late: Vec<_> = instants.iter().filter(|(t, _)| *t >= t0 + Duration::from_secs(10)).collect();
-    assert!(late.len() >= 20, "{} Hello instants in 10 s", late.len());
+    assert!(late.len() >= 20, "{} instants in 10 s", late.len());
     assert!(late.iter().all(|(_, n)| *n == 20), "{late:?}");
     // Nor do the timers they replaced wake the router (the route sweeps
     // do, every 2 s).
-    assert!(late_wakeups <= late.len() + 6, "{late_wakeups} wake-ups for {} Hello instants", late.len());
+    assert!(late_wakeups <= late.len() + 6, "{late_wakeups} wake-ups for {} instants", late.len());
 }
 
 /// A full update is encoded once per MTU and copied to the next
