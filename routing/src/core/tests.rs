@@ -219,6 +219,31 @@ fn three_neighbours(now: Instant) -> Router {
     r
 }
 
+/// A tunnel peer may send from what the neighbours on its interface
+/// advertise, and only that: not another interface's routes, not a
+/// retracted one, not an unknown interface.
+#[test]
+fn advertised_sources_are_per_interface() {
+    let now = Instant::now();
+    let mut r = three_neighbours(now);
+    let a = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+    r.handle_packet(now, 0, ll(2), &packet(&[update("2001:db8:1::/64", 1, 96, 400)]));
+    r.handle_packet(now, 1, ll(3), &packet(&[update("2001:db8:2::/48", 1, 96, 400)]));
+    r.handle_packet(now, 2, ll(4), &packet(&[update("2001:db8:3::/64", 1, 96, 400)]));
+    assert!(r.advertises(0, a("2001:db8:1::5")));
+    assert!(r.advertises(1, a("2001:db8:2:7::1")));
+    assert!(!r.advertises(1, a("2001:db8:1::5")), "another interface's route");
+    assert!(!r.advertises(0, a("2001:db8:9::1")), "no route");
+    assert!(!r.advertises(7, a("2001:db8:1::5")), "no such interface");
+    // Interface 1's neighbour also has db8:1 now: both may send from it.
+    r.handle_packet(now, 1, ll(3), &packet(&[update("2001:db8:1::/64", 1, 96, 400)]));
+    assert!(r.advertises(0, a("2001:db8:1::5")) && r.advertises(1, a("2001:db8:1::5")));
+    // Retracted on interface 2: no more.
+    assert!(r.advertises(2, a("2001:db8:3::1")));
+    r.handle_packet(now, 2, ll(4), &packet(&[update("2001:db8:3::/64", 2, INFINITY, 400)]));
+    assert!(!r.advertises(2, a("2001:db8:3::1")));
+}
+
 /// What `r` sends within `d` from `t`: (iface, destination, message).
 fn sent_within(r: &mut Router, t: Instant, d: Duration) -> Vec<(IfaceId, Destination, Message)> {
     let mut sent = Vec::new();
