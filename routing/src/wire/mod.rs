@@ -651,13 +651,26 @@ impl PacketBuilder {
         if !self.current.is_empty() && self.current.len() + len > self.mtu {
             self.flush_current();
         }
+        self.make_room(len);
+        &mut self.current
+    }
+
+    /// Starts the packet if none is, and makes room in it for `len` more
+    /// bytes and [`PacketBuilder::SPARE`]. A packet starts with room for a
+    /// Hello and its IHUs (one allocation, not four growing ones, and small
+    /// enough to stay in flight by the thousand), and grows once, straight
+    /// to the MTU, if it gets more.
+    fn make_room(&mut self, len: usize) {
+        const FIRST: usize = 256;
         if self.current.is_empty() {
-            // A Hello with its IHUs is up to a few hundred bytes: one
-            // allocation, not four growing ones.
-            self.current.reserve(self.mtu + Self::SPARE);
+            self.current.reserve_exact(FIRST.min(self.mtu) + Self::SPARE);
             self.current.extend([tlv::MAGIC, tlv::VERSION, 0, 0]);
         }
-        &mut self.current
+        let need = self.current.len() + len + Self::SPARE;
+        if self.current.capacity() < need {
+            let full = (self.mtu + Self::SPARE).max(need);
+            self.current.reserve_exact(full - self.current.len());
+        }
     }
 
     /// The common update (IPv6, not source-specific, next hop = sender),
@@ -681,10 +694,7 @@ impl PacketBuilder {
         {
             self.flush_current();
         }
-        if self.current.is_empty() {
-            self.current.reserve(self.mtu + Self::SPARE);
-            self.current.extend([tlv::MAGIC, tlv::VERSION, 0, 0]);
-        }
+        self.make_room(extra + len);
         // After a flush the new packet needs the Router-Id again.
         if self.router_id != Some(router_id) {
             self.current.extend([tlv::ty::ROUTER_ID, 10, 0, 0]);
@@ -806,9 +816,7 @@ impl PacketBuilder {
         {
             self.flush_current();
         }
-        if self.current.is_empty() {
-            self.current.extend([tlv::MAGIC, tlv::VERSION, 0, 0]);
-        }
+        self.make_room(extra(self) + body_len(&tlvs));
         if need_id(self) {
             id_tlv.as_ref().expect("router-id").emit(&mut self.current).expect("fixed-size TLV");
             self.router_id = router_id;

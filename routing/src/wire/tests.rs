@@ -555,3 +555,42 @@ proptest! {
         }
     }
 }
+
+/// Packets leave room for a driver's IPv6 and UDP headers (48 bytes) and
+/// a Hello's stays small: it is in flight by the thousand in a simulation.
+#[test]
+fn packets_have_spare_room_and_small_ones_stay_small() {
+    let hello = Message::Hello { unicast: false, seqno: 1, interval: 50, timestamp: Some(7) };
+    let ihu = Message::Ihu {
+        rxcost: 96,
+        interval: 150,
+        addr: Some("fe80::2".parse().unwrap()),
+        timestamps: Some((1, 2)),
+    };
+    let small = encode(&[hello, ihu], 1232);
+    assert_eq!(small.len(), 1);
+    assert!(
+        small[0].capacity() >= small[0].len() + 48 && small[0].capacity() <= 512,
+        "{}",
+        small[0].capacity()
+    );
+    let updates: Vec<Message> = (0..200u16)
+        .map(|i| Message::Update {
+            prefix: Some(format!("2001:db8:{i:x}::/64").parse().unwrap()),
+            src: None,
+            router_id: RouterId([2, 0, 0, 0, 0, 0, 0, (i % 3) as u8]),
+            next_hop: None,
+            seqno: i,
+            metric: 96,
+            interval: 3000,
+        })
+        .collect();
+    let mut b = PacketBuilder::new(1232);
+    updates.iter().for_each(|m| b.push(m));
+    for packets in [b.clone().finish(), b.finish()] {
+        assert!(packets.len() > 2);
+        for p in &packets {
+            assert!(p.len() <= 1232 && p.capacity() >= p.len() + 48, "{} of {}", p.len(), p.capacity());
+        }
+    }
+}
