@@ -331,14 +331,9 @@ struct Pending {
     timeout: Duration,
 }
 
-/// Messages waiting to be sent to a destination on an interface.
-type Outgoing = ((IfaceId, Destination), Vec<Queued>);
-
-/// Emptied queues longer than this are freed, not kept (a Hello and the
-/// IHUs of twenty tunnels' neighbours fit)...
-const SPARE_QUEUE_MAX: usize = 32;
-/// ... and at most this many (a flush has one or two queues, seldom more).
-const SPARE_QUEUES: usize = 4;
+/// A message waiting to be sent to a destination on an interface, with
+/// its place in the queue.
+type Outgoing = ((IfaceId, Destination), u32, Queued);
 
 /// What waits in an outgoing queue.
 #[derive(Clone, Debug)]
@@ -407,15 +402,15 @@ pub struct Router {
     /// routes), and the source-specific ones, for [`Router::advertises`].
     plain_lens: BTreeMap<u8, u32>,
     specific: BTreeSet<RouteKey>,
-    /// Messages waiting for [`Router::flush`], by interface and
-    /// destination (a few at a time: a vector, kept for its allocation,
-    /// sorted when flushed so that datagrams go out in a fixed order).
+    /// Messages waiting for [`Router::flush`], in the order queued: one
+    /// vector, kept for its allocation, sorted by interface and destination
+    /// when flushed so that datagrams go out in a fixed order (a queue per
+    /// destination was an allocation per tunnel for every shared Hello).
     out: Vec<Outgoing>,
-    /// Emptied queues, kept for the next ones (a Hello and its IHUs took
-    /// an allocation each).
-    spare_queues: Vec<Vec<Queued>>,
     /// The messages of the packet being handled (kept for its allocation).
     decoded: wire::Decoded,
+    /// A repeated datagram's groups (kept for its allocation).
+    hits_buf: Vec<repeats::Hit>,
     /// A Hello's IHUs while it is queued (kept for its allocation).
     ihu_buf: Vec<Message>,
     /// The interfaces a Hello or Update timer sends on (kept for its
@@ -482,8 +477,8 @@ impl Router {
             plain_lens: BTreeMap::new(),
             specific: BTreeSet::new(),
             out: Vec::new(),
-            spare_queues: Vec::new(),
             decoded: wire::Decoded::default(),
+            hits_buf: Vec::new(),
             ihu_buf: Vec::new(),
             periodic_buf: Vec::new(),
             stale_periodic: 0,
@@ -578,7 +573,9 @@ impl Router {
         }
         let mut ihus = Vec::new();
         self.ihus(iface, &mut ihus);
-        self.out_entry(iface, Destination::Multicast).extend(ihus.into_iter().map(Queued::Msg));
+        for ihu in ihus {
+            self.enqueue(iface, Destination::Multicast, Queued::Msg(ihu));
+        }
         self.flush(now);
     }
 
@@ -594,7 +591,7 @@ impl Router {
         for id in gone {
             self.drop_neighbour(now, id);
         }
-        self.out.retain(|((i, _), _)| *i != iface);
+        self.out.retain(|((i, _), ..)| *i != iface);
         self.flush(now);
     }
 
@@ -715,7 +712,17 @@ impl Router {
     /// expiry (see `repeats`), and so does this, without decoding it. False
     /// if the datagram must be handled (decoded, then chunk by chunk).
     fn refresh_datagram(&mut self, now: Instant, nbr: u32, hash: u128) -> bool {
-        let Some(hits) = self.repeats.lookup_datagram(nbr, hash) else { return false };
+        let mut hits = std::mem::take(&mut self.hits_buf);
+        let done = self.refresh_hits(now, nbr, hash, &mut hits);
+        self.hits_buf = hits;
+        done
+    }
+
+    /// [`Router::refresh_datagram`] with a buffer for the hits.
+    fn refresh_hits(&mut self, now: Instant, nbr: u32, hash: u128, hits: &mut Vec<repeats::Hit>) -> bool {
+        if !self.repeats.lookup_datagram(nbr, hash, hits) {
+            return false;
+        }
         let Some(n) = self.neighbours.get(&nbr) else { return false };
         let Some(i) = self.ifaces.get(&n.iface) else { return false };
         let cost = n.cost(now, &i.cfg);
@@ -723,8 +730,8 @@ impl Router {
             return false;
         }
         let default = i.cfg.update_interval;
-        for hit in hits {
-            self.refresh_group(now, &hit, default);
+        for hit in hits.iter() {
+            self.refresh_group(now, hit, default);
         }
         true
     }
@@ -1729,7 +1736,7 @@ impl Router {
             // Nothing it carries changed, and its sources were noted with
             // these very values: only sending is left.
             let msgs = f.msgs.clone();
-            self.out_entry(iface, dst).push(Queued::Shared(msgs));
+            self.enqueue(iface, dst, Queued::Shared(msgs));
             return;
         }
         // What `updates_for` would give for our prefixes and then every
@@ -1755,7 +1762,7 @@ impl Router {
             self.note_sent(now, key, msg);
         }
         let msgs: Arc<[Message]> = msgs.into_iter().map(|(_, m)| m).collect();
-        self.out_entry(iface, dst).push(Queued::Shared(msgs.clone()));
+        self.enqueue(iface, dst, Queued::Shared(msgs.clone()));
         // The previous one's encoding is of no more use.
         self.encoded = None;
         self.full_update = Some(FullUpdate { generation: self.generation, interval, noted: now, msgs });
@@ -1791,9 +1798,10 @@ impl Router {
         if with_ihu {
             self.ihus(iface, &mut ihus);
         }
-        let q = self.out_entry(iface, Destination::Multicast);
-        q.push(Queued::Msg(hello));
-        q.extend(ihus.drain(..).map(Queued::Msg));
+        self.enqueue(iface, Destination::Multicast, Queued::Msg(hello));
+        for ihu in ihus.drain(..) {
+            self.enqueue(iface, Destination::Multicast, Queued::Msg(ihu));
+        }
         self.ihu_buf = ihus;
     }
 
@@ -1842,20 +1850,13 @@ impl Router {
     }
 
     /// The queue of messages for `dst` on `iface`.
-    fn out_entry(&mut self, iface: IfaceId, dst: Destination) -> &mut Vec<Queued> {
-        let at = match self.out.iter().position(|(k, _)| *k == (iface, dst)) {
-            Some(at) => at,
-            None => {
-                let q = self.spare_queues.pop().unwrap_or_default();
-                self.out.push(((iface, dst), q));
-                self.out.len() - 1
-            }
-        };
-        &mut self.out[at].1
+    fn enqueue(&mut self, iface: IfaceId, dst: Destination, q: Queued) {
+        let seq = self.out.len() as u32;
+        self.out.push(((iface, dst), seq, q));
     }
 
     fn queue(&mut self, iface: IfaceId, dst: Destination, m: Message) {
-        self.out_entry(iface, dst).push(Queued::Msg(m));
+        self.enqueue(iface, dst, Queued::Msg(m));
     }
 
     /// Turns queued messages, and triggered updates once due, into datagrams.
@@ -1884,7 +1885,7 @@ impl Router {
                         msgs
                     }
                 };
-                self.out_entry(iface, Destination::Multicast).push(Queued::Shared(msgs));
+                self.enqueue(iface, Destination::Multicast, Queued::Shared(msgs));
             }
             for key in &keys {
                 if let Some(rid) = self.route_ids.get(key)
@@ -1895,12 +1896,17 @@ impl Router {
             }
         }
         let mut out = std::mem::take(&mut self.out);
-        out.sort_unstable_by_key(|(k, _)| *k);
-        for ((iface, dst), mut queued) in out.drain(..) {
+        // By destination, each in the order queued (the places are unique).
+        out.sort_unstable_by_key(|(k, seq, _)| (*k, *seq));
+        let mut rest = &out[..];
+        while let Some(&((iface, dst), ..)) = rest.first() {
+            let n = rest.iter().take_while(|(k, ..)| *k == (iface, dst)).count();
+            let (queued, tail) = rest.split_at(n);
+            rest = tail;
             let Some(i) = self.ifaces.get(&iface) else { continue };
             let mtu = i.cfg.mtu;
             let mut b = PacketBuilder::new(mtu);
-            for q in &queued {
+            for (.., q) in queued {
                 match q {
                     Queued::Msg(m) => b.push(m),
                     Queued::Shared(msgs) => {
@@ -1921,17 +1927,15 @@ impl Router {
                     }
                 }
             }
-            for payload in b.finish() {
-                self.stats.packets_out += 1;
-                self.stats.bytes_out += payload.len() as u64;
-                self.transmits.push_back(Transmit { iface, dst, payload });
-            }
-            queued.clear();
-            if queued.capacity() <= SPARE_QUEUE_MAX && self.spare_queues.len() < SPARE_QUEUES {
-                self.spare_queues.push(queued);
-            }
+            let (stats, transmits) = (&mut self.stats, &mut self.transmits);
+            b.finish_each(|payload| {
+                stats.packets_out += 1;
+                stats.bytes_out += payload.len() as u64;
+                transmits.push_back(Transmit { iface, dst, payload });
+            });
         }
         // Nothing was queued meanwhile: keep the allocation.
+        out.clear();
         self.out = out;
     }
 

@@ -164,6 +164,7 @@ fn datagram_key(nbr: u32, hash: u128) -> (u64, u64) {
 }
 
 /// What a repeated chunk needs to refresh its group.
+#[derive(Debug)]
 pub(super) struct Hit {
     pub group: u32,
     pub members: u32,
@@ -189,16 +190,20 @@ impl Repeats {
         })
     }
 
-    /// The groups of a datagram with this hash from `nbr`, if each still
-    /// has all its members.
-    pub fn lookup_datagram(&self, nbr: u32, hash: u128) -> Option<Vec<Hit>> {
+    /// The groups of a datagram with this hash from `nbr`, into `hits`
+    /// (emptied first; a buffer the caller keeps), if each still has all
+    /// its members: false (and `hits` unspecified) otherwise.
+    pub fn lookup_datagram(&self, nbr: u32, hash: u128, hits: &mut Vec<Hit>) -> bool {
+        hits.clear();
         let (key, check) = datagram_key(nbr, hash);
-        let filed = self.datagrams.get(&key).filter(|f| f.check == check)?;
-        filed
-            .groups
-            .iter()
-            .map(|&(g, serial)| self.hit(g).filter(|_| self.groups[g as usize].serial == serial))
-            .collect()
+        let Some(filed) = self.datagrams.get(&key).filter(|f| f.check == check) else { return false };
+        for &(g, serial) in filed.groups.iter() {
+            match self.hit(g).filter(|_| self.groups[g as usize].serial == serial) {
+                Some(h) => hits.push(h),
+                None => return false,
+            }
+        }
+        true
     }
 
     /// Files a datagram whose chunks formed these groups (as

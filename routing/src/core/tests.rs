@@ -775,12 +775,14 @@ fn shared_full_updates_encode_as_fresh_ones_do() {
     while r.poll_transmit().is_some() {}
     let other = |n: u32| Message::AckReq { opaque: n as u16, interval: 100 };
     let fresh = |r: &Router| -> Vec<Transmit> {
-        let mut out = r.out.clone();
-        out.sort_unstable_by_key(|(k, _)| *k);
+        let mut queues: std::collections::BTreeMap<(IfaceId, Destination), Vec<&Queued>> = Default::default();
+        for (k, _, q) in &r.out {
+            queues.entry(*k).or_default().push(q);
+        }
         let mut all = Vec::new();
-        for ((iface, dst), queued) in out {
+        for ((iface, dst), queued) in queues {
             let mut b = PacketBuilder::new(r.ifaces[&iface].cfg.mtu);
-            for q in &queued {
+            for q in queued {
                 match q {
                     Queued::Msg(m) => b.push(m),
                     Queued::Shared(msgs) => msgs.iter().for_each(|m| b.push(m)),

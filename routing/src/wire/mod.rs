@@ -832,20 +832,36 @@ impl PacketBuilder {
     }
 
     fn flush_current(&mut self) {
-        if self.current.len() > tlv::HEADER_LEN {
+        if let Some(p) = self.seal_current() {
+            self.packets.push(p);
+        }
+    }
+
+    /// The packet being built, its length set, if it has anything; the
+    /// next starts afresh.
+    fn seal_current(&mut self) -> Option<Vec<u8>> {
+        let p = (self.current.len() > tlv::HEADER_LEN).then(|| {
             let body = (self.current.len() - tlv::HEADER_LEN) as u16;
             self.current[2..4].copy_from_slice(&body.to_be_bytes());
-            self.packets.push(std::mem::take(&mut self.current));
-        }
+            std::mem::take(&mut self.current)
+        });
         self.current.clear();
         self.router_id = None;
         self.next_hop = None;
+        p
     }
 
     /// The packets, in order.
     pub fn finish(mut self) -> Vec<Vec<u8>> {
         self.flush_current();
         self.packets
+    }
+
+    /// The packets, in order, each to `f` (without gathering them in a
+    /// vector: most builders make one packet).
+    pub fn finish_each(mut self, mut f: impl FnMut(Vec<u8>)) {
+        let last = self.seal_current();
+        self.packets.into_iter().chain(last).for_each(&mut f);
     }
 }
 

@@ -594,3 +594,25 @@ fn packets_have_spare_room_and_small_ones_stay_small() {
         }
     }
 }
+
+#[test]
+fn finish_each_gives_what_finish_gives() {
+    let msgs: Vec<Message> = (0..120u16)
+        .map(|i| Message::Update {
+            prefix: Some(format!("2001:db8:{i:x}::/64").parse().unwrap()),
+            src: None,
+            router_id: RouterId([2, 0, 0, 0, 0, 0, 0, (i % 5) as u8]),
+            next_hop: None,
+            seqno: i,
+            metric: 96,
+            interval: 3000,
+        })
+        .collect();
+    for n in [0, 1, 40, 120] {
+        let mut b = PacketBuilder::new(600);
+        msgs[..n].iter().for_each(|m| b.push(m));
+        let mut each = Vec::new();
+        b.clone().finish_each(|p| each.push(p));
+        assert_eq!(each, b.finish(), "{n} messages");
+    }
+}
