@@ -62,31 +62,37 @@ pub fn udp_payload<'a>(p: &'a [u8], h: &Ipv6Header, port: u16) -> Option<&'a [u8
     Some(&udp[8..len])
 }
 
-/// Adds `bytes`, as big-endian 16-bit words, to a ones'-complement sum.
-/// Eight bytes at a time, as two 32-bit words: 2^16 ≡ 1 modulo 0xffff,
-/// so wider words fold to the same sum (a full update is ~600 words, and
-/// every Babel datagram is summed twice).
-fn checksum_add(mut sum: u64, bytes: &[u8]) -> u64 {
-    let mut chunks = bytes.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_be_bytes(c.try_into().expect("8 bytes"));
-        sum += (w >> 32) + (w & 0xffff_ffff);
-    }
-    let mut pairs = chunks.remainder().chunks_exact(2);
-    for c in &mut pairs {
-        sum += u64::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = pairs.remainder() {
-        sum += u64::from(*last) << 8;
-    }
-    sum
+/// Adds `bytes` to a ones'-complement sum of 16-bit words taken in the
+/// machine's byte order (RFC 1071: the sum is the same either way, byte-
+/// swapped; [`checksum`] swaps it back), four bytes at a time into 64 bits:
+/// 2^16 ≡ 1 modulo 0xffff, so wider words fold to the same sum, and the
+/// loop vectorises (a full update is ~600 words, and every Babel datagram
+/// is summed twice). Every call but the last must have an even length.
+fn checksum_add(sum: u64, bytes: &[u8]) -> u64 {
+    let mut chunks = bytes.chunks_exact(4);
+    let body: u64 =
+        (&mut chunks).map(|c| u64::from(u32::from_ne_bytes(c.try_into().expect("4 bytes")))).sum();
+    // The last one to three bytes, padded with zeros as the odd byte is.
+    let mut last = [0u8; 4];
+    last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    sum + body + u64::from(u32::from_ne_bytes(last))
 }
 
-fn fold(mut sum: u64) -> u16 {
+/// The ones'-complement sum of a UDP datagram's pseudo-header and `udp`
+/// (UDP header and payload), folded and complemented, in network order.
+fn checksum(src: Ipv6Addr, dst: Ipv6Addr, udp: &[u8]) -> u16 {
+    let mut pseudo = [0u8; 40];
+    pseudo[..16].copy_from_slice(&src.octets());
+    pseudo[16..32].copy_from_slice(&dst.octets());
+    pseudo[32..36].copy_from_slice(&(udp.len() as u32).to_be_bytes());
+    pseudo[39] = NEXT_UDP;
+    let mut sum = checksum_add(checksum_add(0, &pseudo), udp);
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    let folded = !(sum as u16);
+    // Summed in the machine's order: its bytes are the wire's.
+    u16::from_be_bytes(folded.to_ne_bytes())
 }
 
 /// The IPv6 and UDP headers of a datagram from `src` to `dst`, both ports
@@ -108,16 +114,10 @@ fn udp_headers(src: Ipv6Addr, dst: Ipv6Addr, port: u16, hops: u8, len: usize) ->
 
 /// Fills in the UDP checksum of a datagram `udp_headers` began.
 fn set_udp_checksum(p: &mut [u8], src: Ipv6Addr, dst: Ipv6Addr) {
-    let udp_len = p.len() - IPV6_HEADER;
-    // Pseudo-header: addresses, length, next header.
-    let mut sum = checksum_add(0, &src.octets());
-    sum = checksum_add(sum, &dst.octets());
-    sum += udp_len as u64 + u64::from(NEXT_UDP);
-    sum = checksum_add(sum, &p[IPV6_HEADER..]);
-    let mut c = fold(sum);
-    if c == 0 {
-        c = 0xffff;
-    }
+    let c = match checksum(src, dst, &p[IPV6_HEADER..]) {
+        0 => 0xffff,
+        c => c,
+    };
     p[IPV6_HEADER + 6..IPV6_HEADER + 8].copy_from_slice(&c.to_be_bytes());
 }
 
@@ -146,12 +146,7 @@ pub fn wrap_udp(src: Ipv6Addr, dst: Ipv6Addr, port: u16, hops: u8, mut payload: 
 
 /// Whether the UDP checksum of an IPv6/UDP datagram is right.
 pub fn udp_checksum_ok(p: &[u8], h: &Ipv6Header) -> bool {
-    let udp = &p[IPV6_HEADER..IPV6_HEADER + h.payload_len];
-    let mut sum = checksum_add(0, &h.src.octets());
-    sum = checksum_add(sum, &h.dst.octets());
-    sum += h.payload_len as u64 + u64::from(NEXT_UDP);
-    sum = checksum_add(sum, udp);
-    fold(sum) == 0
+    checksum(h.src, h.dst, &p[IPV6_HEADER..IPV6_HEADER + h.payload_len]) == 0
 }
 
 /// Decrements the hop limit in place; false when it reached zero (drop).
