@@ -337,3 +337,46 @@ impl Repeats {
         self.groups.len() - self.free.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::RouterId;
+
+    /// A datagram of any number of chunks is filed and found again whole,
+    /// for its neighbour only, and no longer once one member leaves its
+    /// group.
+    #[test]
+    fn filed_datagrams_keep_all_their_groups() {
+        for n in 1..=10u32 {
+            let mut r = Repeats::default();
+            let mut entries = Vec::new();
+            let groups: Vec<(u32, u32)> = (0..n)
+                .map(|i| {
+                    let g = r.begin(3, u128::from(i), 1, 96, 400, Ticks(100));
+                    let mut e = RouteEntry {
+                        nbr: 3,
+                        router_id: RouterId([0; 8]),
+                        seqno: 1,
+                        refmetric: 0,
+                        metric: 96,
+                        expires: Expiry::at(Ticks(100)),
+                    };
+                    r.join(g, &mut e);
+                    entries.push(e);
+                    r.finish(g).expect("whole")
+                })
+                .collect();
+            r.file_datagram(3, 0xfeed, &groups);
+            let mut hits = Vec::new();
+            assert!(r.lookup_datagram(3, 0xfeed, &mut hits), "{n} groups");
+            assert_eq!(
+                hits.iter().map(|h| h.group).collect::<Vec<_>>(),
+                groups.iter().map(|g| g.0).collect::<Vec<_>>()
+            );
+            assert!(!r.lookup_datagram(4, 0xfeed, &mut hits), "another neighbour's");
+            r.detach(entries.last_mut().expect("one"));
+            assert!(!r.lookup_datagram(3, 0xfeed, &mut hits), "a group no longer whole");
+        }
+    }
+}
