@@ -689,9 +689,10 @@ fn interfaces_of_one_interval_share_full_update_wakeups() {
 }
 
 /// Twenty interfaces added 37 ms apart: after 10 s, every instant that
-/// sends a Hello (`hello`) or a full update sends it on all twenty, none
+/// sends a Hello (`hello`) or a full update sends it on all of them, none
 /// is ever later than its interval after the last, and the timers they
-/// replaced do not wake the router.
+/// replaced do not wake the router. From 14 s, five are removed, the one
+/// whose timer fired for the others first: the others go on.
 fn shared_periodic_wakeups(hello: bool) {
     let t0 = Instant::now();
     let h = Duration::from_millis(500);
@@ -700,22 +701,30 @@ fn shared_periodic_wakeups(hello: bool) {
     r.announce(t0, "2001:db8:1::/64".parse().unwrap(), None);
     let ms = Duration::from_millis;
     let mut last: HashMap<IfaceId, Instant> = HashMap::new();
-    let mut instants: Vec<(Instant, usize)> = Vec::new();
+    let mut instants: Vec<(Instant, usize, usize)> = Vec::new();
     let mut now = t0;
     let end = t0 + Duration::from_secs(20);
     let mut added = 0;
     let mut late_wakeups = 0;
+    let mut removals = vec![2, 10, 1, 19, 0];
+    let mut present = 0;
     while now < end {
         // An interface every 37 ms for the first 20 (0.74 s).
         let next_add = t0 + ms(37) * added;
+        let next_removal = t0 + ms(14_000 + 350 * (5 - removals.len() as u64));
         let next = r.poll_timeout().expect("timers are due");
-        if added < 20 && next_add <= next {
+        if !removals.is_empty() && next_removal <= next {
+            now = next_removal;
+            r.remove_interface(now, removals.pop().expect("one"));
+            present -= 1;
+        } else if added < 20 && next_add <= next {
             now = next_add;
             let mut c = InterfaceConfig::new(LinkKind::Tunnel, ll(1));
             // The other kind rarely.
             (c.hello_interval, c.update_interval) = if hello { (h, ms(600_000)) } else { (ms(60_000), h) };
             r.add_interface(now, added, c);
             added += 1;
+            present += 1;
         } else {
             now = next;
             r.handle_timeout(now);
@@ -739,13 +748,14 @@ fn shared_periodic_wakeups(hello: bool) {
             }
         }
         if sent > 0 {
-            instants.push((now, sent));
+            instants.push((now, sent, present));
         }
     }
-    // In the last 10 s, every instant sends on all twenty.
-    let late: Vec<_> = instants.iter().filter(|(t, _)| *t >= t0 + Duration::from_secs(10)).collect();
+    // In the last 10 s, every instant sends on all of them.
+    let late: Vec<_> = instants.iter().filter(|(t, ..)| *t >= t0 + Duration::from_secs(10)).collect();
     assert!(late.len() >= 20, "{} instants in 10 s", late.len());
-    assert!(late.iter().all(|(_, n)| *n == 20), "{late:?}");
+    assert!(late.iter().all(|(_, n, present)| n == present), "{late:?}");
+    assert_eq!(late.last().map(|l| l.2), Some(15));
     // Nor do the timers they replaced wake the router (the route sweeps
     // do, every 2 s).
     assert!(late_wakeups <= late.len() + 6, "{late_wakeups} wake-ups for {} instants", late.len());
