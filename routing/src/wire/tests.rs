@@ -574,17 +574,7 @@ fn packets_have_spare_room_and_small_ones_stay_small() {
         "{}",
         small[0].capacity()
     );
-    let updates: Vec<Message> = (0..200u16)
-        .map(|i| Message::Update {
-            prefix: Some(format!("2001:db8:{i:x}::/64").parse().unwrap()),
-            src: None,
-            router_id: RouterId([2, 0, 0, 0, 0, 0, 0, (i % 3) as u8]),
-            next_hop: None,
-            seqno: i,
-            metric: 96,
-            interval: 3000,
-        })
-        .collect();
+    let updates = numbered_updates(200, 3);
     let mut b = PacketBuilder::new(1232);
     updates.iter().for_each(|m| b.push(m));
     for packets in [b.clone().finish(), b.finish()] {
@@ -597,17 +587,7 @@ fn packets_have_spare_room_and_small_ones_stay_small() {
 
 #[test]
 fn finish_each_gives_what_finish_gives() {
-    let msgs: Vec<Message> = (0..120u16)
-        .map(|i| Message::Update {
-            prefix: Some(format!("2001:db8:{i:x}::/64").parse().unwrap()),
-            src: None,
-            router_id: RouterId([2, 0, 0, 0, 0, 0, 0, (i % 5) as u8]),
-            next_hop: None,
-            seqno: i,
-            metric: 96,
-            interval: 3000,
-        })
-        .collect();
+    let msgs = numbered_updates(120, 5);
     for n in [0, 1, 40, 120] {
         let mut b = PacketBuilder::new(600);
         msgs[..n].iter().for_each(|m| b.push(m));
@@ -615,4 +595,19 @@ fn finish_each_gives_what_finish_gives() {
         b.clone().finish_each(|p| each.push(p));
         assert_eq!(each, b.finish(), "{n} messages");
     }
+}
+
+/// `n` updates for 2001:db8:i::/64, from `sources` router-ids in turn.
+fn numbered_updates(n: u16, sources: u16) -> Vec<Message> {
+    (0..n)
+        .map(|i| Message::Update {
+            prefix: Some(format!("2001:db8:{i:x}::/64").parse().unwrap()),
+            src: None,
+            router_id: RouterId([2, 0, 0, 0, 0, 0, 0, (i % sources) as u8]),
+            next_hop: None,
+            seqno: i,
+            metric: 96,
+            interval: 3000,
+        })
+        .collect()
 }
