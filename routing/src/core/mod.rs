@@ -1849,7 +1849,7 @@ impl Router {
             self.ifaces.values().map(|i| i.cfg.hello_interval).min().unwrap_or(Duration::from_secs(4));
     }
 
-    /// The queue of messages for `dst` on `iface`.
+    /// Queues `q` for `dst` on `iface`, after what is queued already.
     fn enqueue(&mut self, iface: IfaceId, dst: Destination, q: Queued) {
         let seq = self.out.len() as u32;
         self.out.push(((iface, dst), seq, q));
