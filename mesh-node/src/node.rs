@@ -500,7 +500,11 @@ impl NodeCore {
 
     /// The next packet to send.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.outputs.pop_front()
+        let o = self.outputs.pop_front();
+        if o.is_none() {
+            sixmesh_routing::core::shrink_idle(&mut self.outputs);
+        }
+        o
     }
 
     /// The next event.

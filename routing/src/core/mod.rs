@@ -914,7 +914,11 @@ impl Router {
 
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        let t = self.transmits.pop_front();
+        if t.is_none() {
+            shrink_idle(&mut self.transmits);
+        }
+        t
     }
 
     /// The next event for the driver.
@@ -2154,6 +2158,16 @@ fn prefetch<T>(x: &T) {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = x;
+}
+
+/// Gives back most of an emptied queue's room once a burst has gone (a
+/// full update on twenty tunnels is hundreds of datagrams; kept, that room
+/// was tens of kilobytes per node for good).
+pub fn shrink_idle<T>(q: &mut VecDeque<T>) {
+    const KEEP: usize = 64;
+    if q.is_empty() && q.capacity() > 4 * KEEP {
+        q.shrink_to(KEEP);
+    }
 }
 
 /// How soon a triggered update goes out.

@@ -1194,3 +1194,20 @@ fn iface_neighbours_survive_pushes_and_removals() {
     n.push(9, ll(9));
     assert_eq!(n.iter().collect::<Vec<_>>(), [(9, ll(9))]);
 }
+
+/// A burst of datagrams (a full update on many tunnels) does not keep its
+/// queue's room once sent.
+#[test]
+fn an_emptied_transmit_queue_gives_its_room_back() {
+    let mut r = router(Instant::now());
+    for k in 0..2000 {
+        r.transmits.push_back(Transmit { iface: 0, dst: Destination::Multicast, payload: vec![k as u8] });
+    }
+    assert!(r.transmits.capacity() >= 2000);
+    let mut sent = 0;
+    while r.poll_transmit().is_some() {
+        sent += 1;
+    }
+    assert_eq!(sent, 2000);
+    assert!(r.transmits.capacity() <= 256, "{}", r.transmits.capacity());
+}
