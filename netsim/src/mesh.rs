@@ -24,7 +24,7 @@ use ipnet::Ipv6Net;
 use sixmesh_mesh_node::manager::{Action, Announcing, ManagerConfig};
 use sixmesh_mesh_node::node::{NodeConfig, NodeCore, NodeEvent, Output};
 use sixmesh_mesh_node::packet;
-use sixmesh_routing::core::FxMap;
+use sixmesh_routing::core::{FxMap, prefetch};
 use sixmesh_routing::wire::RouterId;
 
 use crate::babel::NodeId;
@@ -1272,18 +1272,6 @@ pub fn distances(
         }
     }
     dist
-}
-
-/// A hint to load the cache line at `p` (never faults, whatever `p`).
-fn prefetch<T>(p: *const T) {
-    // SAFETY: SSE is part of every x86_64 CPU, and a prefetch is a hint that
-    // never faults and reads nothing the program sees.
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 /// Whether an inner packet is control traffic: link-local or multicast

@@ -198,6 +198,17 @@ enum Timer {
     SourceGc,
 }
 
+impl Timer {
+    /// An interface's Hello (`true`) or full-update timer: which interface.
+    fn periodic(self) -> Option<(IfaceId, bool)> {
+        match self {
+            Timer::Hello(iface) => Some((iface, true)),
+            Timer::Update(iface) => Some((iface, false)),
+            _ => None,
+        }
+    }
+}
+
 /// Datagrams of fewer updates are handled without groups (see `repeats`).
 const REPEATABLE_MIN: usize = 2 * repeats::CHUNK;
 /// How often route entries are checked for expiry (they are kept 3.5
@@ -243,10 +254,10 @@ struct Iface {
     /// their addresses: every Hello we send carries an IHU for each, and a
     /// packet finds its sender here without a lookup in `by_addr`.
     nbrs: IfaceNbrs,
-    /// When its next Hello is due, on the timer heap's clock: its live
-    /// `Timer::Hello` (others in the heap are stale).
+    /// When its next Hello and its next periodic full update are due, on
+    /// the timer heap's clock: its live `Timer::Hello` and `Timer::Update`
+    /// (others in the heap are stale).
     next_hello: u64,
-    /// The same for its periodic full update and `Timer::Update`.
     next_update: u64,
 }
 
@@ -296,6 +307,15 @@ impl Iface {
             return None;
         }
         self.nbrs.iter().find(|(_, a)| *a == addr).map(|(id, _)| id)
+    }
+
+    /// When its next Hello (`hello`) or full update is due.
+    fn next_periodic(&self, hello: bool) -> u64 {
+        if hello { self.next_hello } else { self.next_update }
+    }
+
+    fn next_periodic_mut(&mut self, hello: bool) -> &mut u64 {
+        if hello { &mut self.next_hello } else { &mut self.next_update }
     }
 }
 
@@ -856,7 +876,7 @@ impl Router {
             if let Some(slot) = self.routes.get(&(*prefix, src))
                 && let Some(e) = slot.position(nbr).and_then(|i| slot.entries.get(i))
             {
-                prefetch(e);
+                prefetch(std::ptr::from_ref(e));
             }
         }
     }
@@ -896,7 +916,7 @@ impl Router {
             if live {
                 break;
             }
-            if let Timer::Hello(_) | Timer::Update(_) = timer {
+            if timer.periodic().is_some() {
                 self.stale_periodic = self.stale_periodic.saturating_sub(1);
             }
             self.timers.pop();
@@ -1948,21 +1968,19 @@ impl Router {
     /// Whether a Hello or Update timer at `at` (the heap's clock) is its
     /// interface's live one.
     fn periodic_live(&self, at: u64, timer: Timer) -> bool {
-        match timer {
-            Timer::Hello(iface) => self.ifaces.get(&iface).is_some_and(|i| i.next_hello == at),
-            Timer::Update(iface) => self.ifaces.get(&iface).is_some_and(|i| i.next_update == at),
-            _ => true,
-        }
+        timer.periodic().is_none_or(|(iface, hello)| {
+            self.ifaces.get(&iface).is_some_and(|i| i.next_periodic(hello) == at)
+        })
     }
 
     /// Schedules an interface's next Hello or full update (its earlier
     /// timer becomes stale).
     fn schedule_periodic(&mut self, at: Instant, timer: Timer) {
         let ns = self.nanos(at);
-        match timer {
-            Timer::Hello(iface) => self.ifaces.get_mut(&iface).into_iter().for_each(|i| i.next_hello = ns),
-            Timer::Update(iface) => self.ifaces.get_mut(&iface).into_iter().for_each(|i| i.next_update = ns),
-            _ => {}
+        if let Some((iface, hello)) = timer.periodic()
+            && let Some(i) = self.ifaces.get_mut(&iface)
+        {
+            *i.next_periodic_mut(hello) = ns;
         }
         self.schedule(at, timer);
     }
@@ -1989,9 +2007,7 @@ impl Router {
         due.extend(
             self.ifaces
                 .iter()
-                .filter(|(_, j)| {
-                    interval(&j.cfg) == h && (if hello { j.next_hello } else { j.next_update }) <= soon
-                })
+                .filter(|(_, j)| interval(&j.cfg) == h && j.next_periodic(hello) <= soon)
                 .map(|(id, _)| *id),
         );
         due.sort_unstable();
@@ -2147,17 +2163,19 @@ fn v6_src(src: Option<IpNet>) -> Option<Option<Ipv6Net>> {
     }
 }
 
-/// Asks the CPU to bring `x` into the cache, without waiting for it.
+/// Asks the CPU to bring the cache line at `p` into the cache, without
+/// waiting for it (also for the simulator's event loop).
 #[inline(always)]
-fn prefetch<T>(x: &T) {
+pub fn prefetch<T>(p: *const T) {
     // SAFETY: SSE is part of every x86_64 CPU, and a prefetch is a hint
-    // that never faults, whatever the address (here a valid reference).
+    // that never faults, whatever the address, and reads nothing the
+    // program sees.
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>((x as *const T).cast())
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
     };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = x;
+    let _ = p;
 }
 
 /// Gives back most of an emptied queue's room once a burst has gone (a
