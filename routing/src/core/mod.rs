@@ -9,6 +9,7 @@
 //! the same outputs.
 
 mod fxhash;
+mod idmap;
 mod repeats;
 mod tables;
 #[cfg(test)]
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv6Net};
 
 pub use self::fxhash::{FxBuildHasher, FxHasher, FxMap};
+use self::idmap::IdMap;
 use self::repeats::Repeats;
 use self::tables::{Expiry, Installed, Neighbour, RouteEntry, Slot, Source, Ticks};
 pub use self::tables::{NeighbourInfo, RouteInfo, seqno_newer};
@@ -191,7 +193,6 @@ pub struct Stats {
 enum Timer {
     Hello(IfaceId),
     Update(IfaceId),
-    Neighbour(u32),
     ExpireRoutes,
     Urgent(u32),
     Request(u32),
@@ -393,10 +394,10 @@ pub struct Router {
     rng: u64,
     /// Looked up for every packet in and out: hashed (iterated in id
     /// order where the order shows).
-    ifaces: FxMap<IfaceId, Iface>,
-    neighbours: FxMap<u32, Neighbour>,
+    ifaces: IdMap<Iface>,
+    /// By id: the lowest free one is taken, so that they stay small.
+    neighbours: IdMap<Neighbour>,
     by_addr: FxMap<(IfaceId, Ipv6Addr), u32>,
-    next_nbr: u32,
     routes: FxMap<RouteKey, Slot>,
     route_ids: FxMap<RouteKey, u32>,
     route_keys: FxMap<u32, RouteKey>,
@@ -463,7 +464,19 @@ pub struct Router {
     /// integers compare faster than `Instant`s, and this heap is popped
     /// for every Hello.
     timers: BinaryHeap<Reverse<(u64, u64, Timer)>>,
+    /// When the heap's first timer is due (`u64::MAX`: none), kept beside
+    /// the router's other fields: [`Router::poll_timeout`] runs after every
+    /// packet, and reading the heap itself was a cache miss each time.
+    timers_top: u64,
     timer_seq: u64,
+    /// Each neighbour's next deadline (heap clock, `u64::MAX`: none), by
+    /// neighbour id, outside the heap: every Hello moves its neighbour's
+    /// deadline, and a heap entry per Hello (pushed, then popped stale) was
+    /// a tenth of a large mesh's simulation. A tunnel node has about
+    /// twenty: a scan is cheap.
+    nbr_due: Vec<u64>,
+    /// The id of the earliest in `nbr_due` (`usize::MAX`: none).
+    nbr_min: usize,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     stats: Stats,
@@ -478,10 +491,9 @@ impl Router {
             seqno,
             epoch: now,
             rng: u64::from_be_bytes(id.0) | 1,
-            ifaces: FxMap::default(),
-            neighbours: FxMap::default(),
+            ifaces: IdMap::default(),
+            neighbours: IdMap::default(),
             by_addr: FxMap::default(),
-            next_nbr: 0,
             routes: FxMap::default(),
             route_ids: FxMap::default(),
             route_keys: FxMap::default(),
@@ -510,7 +522,10 @@ impl Router {
             full_update: None,
             encoded: None,
             timers: BinaryHeap::new(),
+            timers_top: u64::MAX,
             timer_seq: 0,
+            nbr_due: Vec::new(),
+            nbr_min: usize::MAX,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
@@ -607,7 +622,7 @@ impl Router {
         self.stale_periodic += 2; // its Hello and Update timers
         self.update_min_hello();
         let gone: Vec<u32> =
-            self.neighbours.iter().filter(|(_, n)| n.iface == iface).map(|(id, _)| *id).collect();
+            self.neighbours.iter().filter(|(_, n)| n.iface == iface).map(|(id, _)| id).collect();
         for id in gone {
             self.drop_neighbour(now, id);
         }
@@ -618,7 +633,7 @@ impl Router {
     /// The interfaces and their settings.
     pub fn interfaces(&self) -> impl Iterator<Item = (IfaceId, &InterfaceConfig)> {
         let mut all: Vec<(IfaceId, &InterfaceConfig)> =
-            self.ifaces.iter().map(|(id, i)| (*id, &i.cfg)).collect();
+            self.ifaces.iter().map(|(id, i)| (id, &i.cfg)).collect();
         all.sort_unstable_by_key(|(id, _)| *id);
         all.into_iter()
     }
@@ -884,29 +899,55 @@ impl Router {
     /// Runs the timers that are due.
     pub fn handle_timeout(&mut self, now: Instant) {
         let due = self.nanos(now);
-        while let Some(Reverse((at, _, timer))) = self.timers.peek().copied() {
-            if at > due {
-                break;
+        loop {
+            let heap = Some(self.timers_top).filter(|at| *at <= due);
+            let nbr = self.next_nbr_due().filter(|(at, _)| *at <= due);
+            match (heap, nbr) {
+                (Some(h), Some((n, id))) if n < h => self.fire_neighbour(now, id),
+                (Some(_), _) => {
+                    let Some(Reverse((at, _, timer))) = self.pop_timer() else { break };
+                    self.fire(now, self.instant(at), timer);
+                }
+                (None, Some((_, id))) => self.fire_neighbour(now, id),
+                (None, None) => break,
             }
-            self.timers.pop();
-            self.fire(now, self.instant(at), timer);
         }
         self.flush(now);
         self.drop_stale_timers();
     }
 
-    /// Pops the neighbour and Hello timers at the top of the heap that a
-    /// moved deadline replaced (they would do nothing when they fire), so that
-    /// [`Router::poll_timeout`] does not wake the driver for them: every
-    /// Hello moves its neighbour's deadline, and these wake-ups were half
-    /// of a node's.
+    /// The earliest neighbour deadline: (due, neighbour id).
+    fn next_nbr_due(&self) -> Option<(u64, u32)> {
+        self.nbr_due.get(self.nbr_min).map(|at| (*at, self.nbr_min as u32)).filter(|(at, _)| *at != u64::MAX)
+    }
+
+    /// Checks the neighbour whose deadline is the earliest (and due), which
+    /// gives it its next one (or drops it).
+    fn fire_neighbour(&mut self, now: Instant, id: u32) {
+        if let Some(at) = self.nbr_due.get_mut(self.nbr_min) {
+            *at = u64::MAX;
+        }
+        self.check_neighbour(now, id);
+        if self.nbr_due.get(self.nbr_min).is_some_and(|at| *at == u64::MAX) {
+            self.rescan_nbr_due();
+        }
+    }
+
+    /// Finds the earliest neighbour deadline again.
+    fn rescan_nbr_due(&mut self) {
+        self.nbr_min =
+            self.nbr_due.iter().enumerate().min_by_key(|(_, at)| **at).map_or(usize::MAX, |(i, _)| i);
+    }
+
+    /// Pops the Hello and full-update timers at the top of the heap that
+    /// another interface's replaced (they would do nothing when they fire),
+    /// so that [`Router::poll_timeout`] does not wake the driver for them.
     fn drop_stale_timers(&mut self) {
+        if self.stale_periodic == 0 {
+            return;
+        }
         while let Some(Reverse((at, _, timer))) = self.timers.peek().copied() {
             let live = match timer {
-                Timer::Neighbour(id) => {
-                    let at = self.instant(at);
-                    self.neighbours.get(&id).is_some_and(|n| n.scheduled == Some(at))
-                }
                 // Moved by another interface's (or removed).
                 Timer::Hello(_) | Timer::Update(_) => {
                     self.stale_periodic == 0 || self.periodic_live(at, timer)
@@ -919,13 +960,22 @@ impl Router {
             if timer.periodic().is_some() {
                 self.stale_periodic = self.stale_periodic.saturating_sub(1);
             }
-            self.timers.pop();
+            self.pop_timer();
         }
+    }
+
+    /// Pops the heap's first timer, keeping `timers_top`.
+    fn pop_timer(&mut self) -> Option<Reverse<(u64, u64, Timer)>> {
+        let t = self.timers.pop();
+        self.timers_top = self.timers.peek().map_or(u64::MAX, |Reverse((at, ..))| *at);
+        t
     }
 
     /// When [`Router::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let timer = self.timers.peek().map(|Reverse((at, _, _))| self.instant(*at));
+        let heap = Some(self.timers_top).filter(|at| *at != u64::MAX);
+        let nbr = self.next_nbr_due().map(|(at, _)| at);
+        let timer = heap.into_iter().chain(nbr).min().map(|at| self.instant(at));
         match (timer, self.flush_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1014,8 +1064,12 @@ impl Router {
         if let Some(id) = self.by_addr.get(&(iface, addr)) {
             return *id;
         }
-        let id = self.next_nbr;
-        self.next_nbr = self.next_nbr.wrapping_add(1);
+        let id = self.neighbours.vacant_id();
+        let slot = id as usize;
+        if self.nbr_due.len() <= slot {
+            self.nbr_due.resize(slot + 1, u64::MAX);
+        }
+        self.nbr_due[slot] = u64::MAX;
         self.neighbours.insert(id, Neighbour::new(iface, addr, now));
         self.by_addr.insert((iface, addr), id);
         if let Some(i) = self.ifaces.get_mut(&iface) {
@@ -1097,6 +1151,10 @@ impl Router {
 
     fn drop_neighbour(&mut self, now: Instant, id: u32) {
         let Some(n) = self.neighbours.remove(&id) else { return };
+        if let Some(at) = self.nbr_due.get_mut(id as usize) {
+            *at = u64::MAX;
+            self.rescan_nbr_due();
+        }
         self.by_addr.remove(&(n.iface, n.addr));
         if let Some(i) = self.ifaces.get_mut(&n.iface) {
             i.nbrs.remove(id);
@@ -1163,7 +1221,6 @@ impl Router {
 
     fn check_neighbour(&mut self, now: Instant, id: u32) {
         let Some(n) = self.neighbours.get_mut(&id) else { return };
-        n.scheduled = None;
         n.expire(now);
         if n.is_dead(now) {
             self.drop_neighbour(now, id);
@@ -1173,15 +1230,21 @@ impl Router {
         self.schedule_neighbour(id);
     }
 
-    /// Keeps one live timer per neighbour, at its next deadline: a timer
-    /// set for an older deadline is left in the heap, stale (see
-    /// [`Router::drop_stale_timers`]).
+    /// Sets the neighbour's entry in `nbr_due` to its next deadline.
     fn schedule_neighbour(&mut self, id: u32) {
-        let Some(n) = self.neighbours.get_mut(&id) else { return };
-        let Some(next) = n.next_deadline() else { return };
-        if n.scheduled != Some(next) {
-            n.scheduled = Some(next);
-            self.schedule(next, Timer::Neighbour(id));
+        let Some(n) = self.neighbours.get(&id) else { return };
+        let next = n.next_deadline().map_or(u64::MAX, |t| self.nanos(t));
+        let slot = id as usize;
+        let Some(at) = self.nbr_due.get_mut(slot) else { return };
+        if *at == next {
+            return;
+        }
+        *at = next;
+        if slot == self.nbr_min {
+            // Moved, nearly always later (the next Hello): find the new first.
+            self.rescan_nbr_due();
+        } else if self.nbr_due.get(self.nbr_min).is_none_or(|at| next < *at) {
+            self.nbr_min = slot;
         }
     }
 
@@ -1891,7 +1954,7 @@ impl Router {
             let mut ifaces: Vec<(IfaceId, u16)> = if keys.is_empty() {
                 Vec::new()
             } else {
-                self.ifaces.keys().map(|&id| (id, self.announced_interval(id))).collect()
+                self.ifaces.keys().map(|id| (id, self.announced_interval(id))).collect()
             };
             ifaces.sort_unstable();
             // The updates differ between interfaces only by the interval
@@ -2008,7 +2071,7 @@ impl Router {
             self.ifaces
                 .iter()
                 .filter(|(_, j)| interval(&j.cfg) == h && j.next_periodic(hello) <= soon)
-                .map(|(id, _)| *id),
+                .map(|(id, _)| id),
         );
         due.sort_unstable();
         for &j in &due {
@@ -2030,6 +2093,7 @@ impl Router {
         self.timer_seq += 1;
         let at = self.nanos(at);
         self.timers.push(Reverse((at, self.timer_seq, t)));
+        self.timers_top = self.timers_top.min(at);
     }
 
     /// `t` as nanoseconds since the epoch (the timer heap's clock).
@@ -2046,13 +2110,6 @@ impl Router {
         match timer {
             Timer::Hello(iface) => self.fire_periodic(now, at, iface, true),
             Timer::Update(iface) => self.fire_periodic(now, at, iface, false),
-            Timer::Neighbour(id) => {
-                // A stale one (its deadline moved since) does nothing; the
-                // live one is at a deadline now due.
-                if self.neighbours.get(&id).is_some_and(|n| n.scheduled == Some(at)) {
-                    self.check_neighbour(now, id);
-                }
-            }
             Timer::ExpireRoutes => {
                 // One sweep now and then rather than a timer per entry: with
                 // thousands of destinations per neighbour those timers were

@@ -42,7 +42,6 @@ pub(super) struct Neighbour {
     pub last_hello_ts: Option<(u32, u32)>,
     pub was_up: bool,
     pub last_cost: u16,
-    pub scheduled: Option<Instant>,
 }
 
 impl Neighbour {
@@ -63,7 +62,6 @@ impl Neighbour {
             last_hello_ts: None,
             was_up: false,
             last_cost: INFINITY,
-            scheduled: None,
         }
     }
 

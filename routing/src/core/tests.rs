@@ -674,6 +674,85 @@ fn moved_neighbour_deadlines_wake_nobody() {
     assert_eq!(r.neighbours(next_hello).iter().filter(|n| n.cost < INFINITY).count(), 1);
 }
 
+/// Neighbours keep their own deadlines (outside the timer heap): on six
+/// interfaces (one with an id too large to be stored in place), two
+/// neighbours fall silent at different times; each loses its link within
+/// 2.5 Hello intervals and is forgotten later, the others never blink, and
+/// a newcomer on a silent one's interface (taking its freed id) is heard.
+#[test]
+fn silent_neighbours_are_noticed_each_at_its_own_deadline() {
+    let t0 = Instant::now();
+    let mut r = Router::new(RouterId([2, 0, 0, 0, 0, 0, 0, 1]), 0, t0);
+    let ifaces = [0, 1, 2, 3, 4, 70_000];
+    for &i in &ifaces {
+        r.add_interface(t0, i, InterfaceConfig::new(LinkKind::Wired, ll(1)));
+    }
+    let step = Duration::from_millis(10);
+    // (iface, address, first Hello at, silent from)
+    let mut peers: Vec<(IfaceId, Ipv6Addr, Duration, Option<Duration>)> = ifaces
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| (i, ll(10 + k as u16), Duration::from_millis(130 * k as u64), None))
+        .collect();
+    peers[1].3 = Some(Duration::from_secs(10));
+    peers[5].3 = Some(Duration::from_millis(15_500));
+    let mut seqno = vec![0u16; peers.len()];
+    let mut down_at: Vec<Option<Duration>> = vec![None; peers.len()];
+    let mut newcomer = false;
+    let mut t = Duration::ZERO;
+    while t < Duration::from_secs(60) {
+        let now = t0 + t;
+        while r.poll_timeout().is_some_and(|d| d <= now) {
+            r.handle_timeout(now);
+        }
+        for (k, (iface, addr, first, silent)) in peers.iter().enumerate() {
+            let talking = silent.is_none_or(|s| t < s);
+            let phase = t.saturating_sub(*first).as_millis() % 1000;
+            if talking && t >= *first && phase == 0 {
+                seqno[k] = seqno[k].wrapping_add(1);
+                let hello =
+                    Message::Hello { unicast: false, seqno: seqno[k], interval: 100, timestamp: None };
+                let ihu = Message::Ihu { rxcost: 96, interval: 300, addr: None, timestamps: None };
+                r.handle_packet(now, *iface, *addr, &packet(&[hello, ihu]));
+            }
+        }
+        while r.poll_transmit().is_some() {}
+        let info = r.neighbours(now);
+        for (k, (iface, addr, first, _)) in peers.iter().enumerate() {
+            let up = info.iter().any(|n| n.iface == *iface && n.addr == *addr && n.cost < INFINITY);
+            if t > *first + Duration::from_secs(3) && !up && down_at[k].is_none() {
+                down_at[k] = Some(t);
+            }
+        }
+        if t == Duration::from_secs(40) {
+            // Forgotten by now (16 intervals of silence), and replaced.
+            assert!(!info.iter().any(|n| n.addr == peers[1].1), "{info:?}");
+            peers.push((1, ll(99), t + Duration::from_millis(10), None));
+            seqno.push(0);
+            down_at.push(None);
+            newcomer = true;
+        }
+        t += step;
+    }
+    assert!(newcomer);
+    for (k, d) in down_at.iter().enumerate() {
+        match (peers[k].3, d) {
+            (Some(silent), Some(d)) => {
+                let late = *d - silent;
+                assert!(
+                    late <= Duration::from_millis(2500) && late >= Duration::from_millis(500),
+                    "{k}: {late:?}"
+                );
+            }
+            (None, None) => {}
+            (s, d) => panic!("neighbour {k}: silent from {s:?}, down at {d:?}"),
+        }
+    }
+    let info = r.neighbours(t0 + t);
+    assert!(info.iter().any(|n| n.iface == 1 && n.addr == ll(99) && n.cost < INFINITY), "{info:?}");
+    assert_eq!(info.iter().filter(|n| n.cost < INFINITY).count(), 5, "{info:?}");
+}
+
 /// A node's tunnels share one Hello timer: twenty interfaces added at
 /// scattered moments soon send their Hellos at the same instants (one
 /// wake-up per interval, not twenty), and none ever waits longer than its
