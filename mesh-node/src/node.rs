@@ -160,8 +160,10 @@ pub struct NodeCore {
     /// Looked up for every packet: hashed (iterated in peer order where
     /// the order shows).
     tunnels: FxMap<PeerId, Tunnel>,
-    by_id: FxMap<TunnelId, PeerId>,
-    next_id: TunnelId,
+    /// The peer of each tunnel id (the index; 0 is never used). A new
+    /// tunnel takes the lowest free id: ids stay small, and the router
+    /// finds its interfaces by id without hashing.
+    by_id: Vec<Option<PeerId>>,
     outputs: VecDeque<Output>,
     events: VecDeque<NodeEvent>,
     next_housekeeping: Instant,
@@ -197,8 +199,7 @@ impl NodeCore {
             fib: Fib::new(),
             route_counts: BTreeMap::new(),
             tunnels: FxMap::default(),
-            by_id: FxMap::default(),
-            next_id: 1,
+            by_id: vec![None],
             outputs: VecDeque::new(),
             events: VecDeque::new(),
             next_housekeeping: now,
@@ -249,11 +250,29 @@ impl NodeCore {
 
     /// Records a new tunnel; the peer may send from its own prefix at once.
     fn add_tunnel(&mut self, now: Instant, peer: PeerId, fixed: bool) -> TunnelId {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
+        let id = self.by_id.iter().skip(1).position(Option::is_none).map_or(self.by_id.len(), |i| i + 1);
+        if id == self.by_id.len() {
+            self.by_id.push(None);
+        }
+        self.by_id[id] = Some(peer);
+        let id = id as TunnelId;
         self.tunnels.insert(peer, Tunnel { id, fixed, counters: TunnelCounters::default(), last_rx: now });
-        self.by_id.insert(id, peer);
         id
+    }
+
+    /// The peer of tunnel `id`.
+    fn peer_of(&self, id: TunnelId) -> Option<PeerId> {
+        self.by_id.get(id as usize).copied().flatten()
+    }
+
+    /// Forgets tunnel `id`'s peer.
+    fn free_id(&mut self, id: TunnelId) {
+        if let Some(p) = self.by_id.get_mut(id as usize) {
+            *p = None;
+        }
+        while self.by_id.len() > 1 && self.by_id.last().is_some_and(Option::is_none) {
+            self.by_id.pop();
+        }
     }
 
     /// A tunnel to `peer` is established (both directions work): Babel
@@ -294,7 +313,7 @@ impl NodeCore {
     /// The tunnel to `peer` is gone (or never came up).
     pub fn tunnel_down(&mut self, now: Instant, peer: PeerId) {
         if let Some(t) = self.tunnels.remove(&peer) {
-            self.by_id.remove(&t.id);
+            self.free_id(t.id);
             if t.fixed {
                 if self.fib.lookup(peer.network()) == Some(&peer) {
                     self.set_route(peer, None);
@@ -480,7 +499,7 @@ impl NodeCore {
         self.draining.retain(|(t, ..)| *t > now);
         for (peer, reason) in due {
             if let Some(t) = self.tunnels.remove(&peer) {
-                self.by_id.remove(&t.id);
+                self.free_id(t.id);
                 self.router.remove_interface(now, t.id);
             }
             // Should the manager have chosen this peer again meanwhile, it
@@ -582,7 +601,7 @@ impl NodeCore {
                         continue;
                     }
                     let t = self.tunnels.remove(peer).expect("present");
-                    self.by_id.remove(&t.id);
+                    self.free_id(t.id);
                     self.router.remove_interface(now, t.id);
                 }
                 self.events.push_back(NodeEvent::Manager(a));
@@ -593,7 +612,7 @@ impl NodeCore {
             }
             while let Some(t) = self.router.poll_transmit() {
                 busy = true;
-                let Some(peer) = self.by_id.get(&t.iface).copied() else { continue };
+                let Some(peer) = self.peer_of(t.iface) else { continue };
                 let dst = match t.dst {
                     Destination::Multicast => BABEL_GROUP,
                     Destination::Unicast(a) => a,
@@ -610,7 +629,7 @@ impl NodeCore {
     fn apply_router_event(&mut self, e: Event) {
         match e {
             Event::Selected { prefix, src: None, iface, metric, .. } => {
-                if let Some(peer) = self.by_id.get(&iface).copied() {
+                if let Some(peer) = self.peer_of(iface) {
                     self.set_route(prefix, Some(peer));
                     self.events.push_back(NodeEvent::Route { prefix, via: Some(peer), metric });
                 }
@@ -644,6 +663,35 @@ mod tests {
             0,
         );
         NodeCore::new(cfg, now)
+    }
+
+    /// A new tunnel takes the lowest free id (the router's interface), so
+    /// that ids stay small however many tunnels came and went; a fixed
+    /// tunnel takes one too, and no two tunnels ever share one.
+    #[test]
+    fn tunnel_ids_are_reused_lowest_first() {
+        let now = Instant::now();
+        let mut c = core(now);
+        let peer = |i: u16| -> Ipv6Net { format!("fd5e:77:0:{i:x}::/64").parse().unwrap() };
+        let ids = |c: &NodeCore| c.router().interfaces().map(|(id, _)| id).collect::<Vec<_>>();
+        for i in 1..=4 {
+            c.tunnel_up(now, peer(i));
+        }
+        assert_eq!(ids(&c), [1, 2, 3, 4]);
+        c.tunnel_down(now, peer(2));
+        c.tunnel_down(now, peer(3));
+        assert_eq!(ids(&c), [1, 4]);
+        c.fixed_tunnel_up(now, peer(9));
+        c.tunnel_up(now, peer(5));
+        assert_eq!(ids(&c), [1, 3, 4], "the fixed tunnel took 2");
+        for i in 10..200 {
+            c.tunnel_up(now, peer(i));
+            c.tunnel_down(now, peer(i));
+        }
+        c.tunnel_down(now, peer(4));
+        c.tunnel_up(now, peer(6));
+        assert_eq!(ids(&c), [1, 3, 4]);
+        assert!(c.by_id.len() <= 5, "{:?}", c.by_id);
     }
 
     #[test]
