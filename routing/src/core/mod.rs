@@ -832,6 +832,9 @@ impl Router {
     ) {
         let mut filed: Vec<(u32, u32)> = Vec::new();
         let mut whole = true;
+        // Each chunk's group is found through its first update's entry: those
+        // lookups overlap here instead of stalling one after the other.
+        self.warm(nbr, msgs.iter().step_by(repeats::CHUNK));
         for chunk in msgs.chunks(repeats::CHUNK) {
             // Our own routes echoed back are ignored, whatever the table
             // holds (a full update carries the route to its receiver).
@@ -884,14 +887,12 @@ impl Router {
     /// neighbour's entry): in this short loop the slots' misses overlap more,
     /// and the entries' do not stall at all (a prefetch is not waited for).
     /// Nothing is changed.
-    fn warm(&self, nbr: u32, messages: &[Message]) {
+    fn warm<'a>(&self, nbr: u32, messages: impl IntoIterator<Item = &'a Message>) {
         for m in messages {
             let Message::Update { prefix: Some(IpNet::V6(prefix)), src, .. } = m else { continue };
             let Some(src) = v6_src(*src) else { continue };
-            if let Some(slot) = self.routes.get(&(*prefix, src))
-                && let Some(e) = slot.position(nbr).and_then(|i| slot.entries.get(i))
-            {
-                prefetch(std::ptr::from_ref(e));
+            if let Some(slot) = self.routes.get(&(*prefix, src)) {
+                slot.prefetch_for(nbr);
             }
         }
     }
@@ -1412,7 +1413,7 @@ impl Router {
             std::collections::hash_map::Entry::Occupied(o) => (o.into_mut(), false),
             std::collections::hash_map::Entry::Vacant(v) => (v.insert(Slot::with_room(room)), true),
         };
-        let was_selected_here = slot.selected().is_some_and(|i| slot.entries[i].nbr == nbr);
+        let was_selected_here = slot.selected().and_then(|i| slot.nbr_at(i)) == Some(nbr);
         let old_next_hop = slot.next_hop(nbr, from);
         let changed = match slot.position(nbr) {
             Some(i) => {

@@ -440,6 +440,31 @@ impl Slot {
 
     /// Where the neighbour's entry is.
     #[inline]
+    /// Starts loading what handling an update of neighbour `nbr` for this
+    /// destination reads past the slot itself: its entry, the selected
+    /// entry (compared with it) and the rare part (next hops), if any.
+    pub fn prefetch_for(&self, nbr: u32) {
+        if let Some(e) = self.position(nbr).and_then(|i| self.entries.get(i)) {
+            super::prefetch(std::ptr::from_ref(e));
+        }
+        if let Some(e) = self.selected().and_then(|i| self.entries.get(i)) {
+            super::prefetch(std::ptr::from_ref(e));
+        }
+        if let Some(r) = &self.rare {
+            super::prefetch(std::ptr::from_ref::<Rare>(r));
+        }
+    }
+
+    /// The neighbour of entry `i` (read from the slot's packed ids when it
+    /// is among the first: no cache miss on the entries).
+    pub fn nbr_at(&self, i: usize) -> Option<u32> {
+        if i < INLINE_NBRS.min(self.entries.len()) {
+            Some(self.nbrs[i])
+        } else {
+            self.entries.get(i).map(|e| e.nbr)
+        }
+    }
+
     pub fn position(&self, nbr: u32) -> Option<usize> {
         let n = self.entries.len();
         if let Some(i) = find_u32(&self.nbrs[..n.min(INLINE_NBRS)], nbr) {
