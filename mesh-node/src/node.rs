@@ -7,11 +7,14 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv6Addr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv6Net;
 use sixmesh_routing::BABEL_PORT;
-use sixmesh_routing::core::{Destination, Event, FxMap, InterfaceConfig, LinkKind, Router, RttConfig};
+use sixmesh_routing::core::{
+    Destination, Event, FxMap, InterfaceConfig, LinkKind, Payload, Router, RttConfig,
+};
 use sixmesh_routing::wire::RouterId;
 
 use crate::fib::Fib;
@@ -85,7 +88,9 @@ pub fn tunnel_link_local(prefix: &Ipv6Net) -> Ipv6Addr {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
     /// An inner IPv6 packet for the tunnel to `peer`.
-    ToTunnel { peer: PeerId, packet: Vec<u8> },
+    /// Its bytes may be shared with the same packet for other tunnels (a
+    /// Babel full update goes out alike on every tunnel).
+    ToTunnel { peer: PeerId, packet: Payload },
     /// A packet for this machine (write it to the TUN device).
     ToTun(Vec<u8>),
 }
@@ -337,14 +342,28 @@ impl NodeCore {
     /// A packet the machine sent into the mesh (read from the TUN device).
     pub fn from_tun(&mut self, now: Instant, mut packet: Vec<u8>) {
         if let Verdict::Tunnel(peer) = self.route_from_tun(now, &mut packet) {
-            self.outputs.push_back(Output::ToTunnel { peer, packet });
+            self.outputs.push_back(Output::ToTunnel { peer, packet: packet.into() });
         }
     }
 
-    /// A decrypted packet that arrived in the tunnel from `peer`.
-    pub fn from_tunnel(&mut self, now: Instant, peer: PeerId, mut packet: Vec<u8>) {
-        match self.route_from_tunnel(now, peer, &mut packet) {
-            Verdict::Tunnel(next) => self.outputs.push_back(Output::ToTunnel { peer: next, packet }),
+    /// A decrypted packet that arrived in the tunnel from `peer`. Shared
+    /// bytes are read in place (copied only if the packet must change: data
+    /// to forward, its hop limit decremented).
+    pub fn from_tunnel(&mut self, now: Instant, peer: PeerId, packet: impl Into<Payload>) {
+        let (verdict, packet) = match packet.into() {
+            Payload::Own(mut v) => (self.route_from_tunnel(now, peer, &mut v), v),
+            Payload::Shared(a) => match self.receive(now, peer, &a) {
+                Ok(v) => (v, a.to_vec()),
+                Err(h) => {
+                    let mut v = a.to_vec();
+                    (self.forward(h, &mut v), v)
+                }
+            },
+        };
+        match verdict {
+            Verdict::Tunnel(next) => {
+                self.outputs.push_back(Output::ToTunnel { peer: next, packet: packet.into() })
+            }
             Verdict::Tun => self.outputs.push_back(Output::ToTun(packet)),
             Verdict::Dropped | Verdict::Taken => {}
         }
@@ -375,9 +394,18 @@ impl NodeCore {
     /// against what `peer` may send from, then goes to the TUN or, hop limit
     /// decremented in place, to another tunnel.
     pub fn route_from_tunnel(&mut self, now: Instant, peer: PeerId, packet: &mut [u8]) -> Verdict {
+        match self.receive(now, peer, packet) {
+            Ok(v) => v,
+            Err(h) => self.forward(h, packet),
+        }
+    }
+
+    /// [`NodeCore::route_from_tunnel`] short of changing the packet: its
+    /// verdict, or its header if it is data to forward.
+    fn receive(&mut self, now: Instant, peer: PeerId, packet: &[u8]) -> Result<Verdict, Ipv6Header> {
         let Some(t) = self.tunnels.get_mut(&peer) else {
             self.drops.no_tunnel += 1;
-            return Verdict::Dropped;
+            return Ok(Verdict::Dropped);
         };
         t.counters.rx_packets += 1;
         t.counters.rx_bytes += packet.len() as u64;
@@ -387,7 +415,7 @@ impl NodeCore {
             Ok(h) => h,
             Err(_) => {
                 self.drops.not_ipv6 += 1;
-                return Verdict::Dropped;
+                return Ok(Verdict::Dropped);
             }
         };
         if is_link_local(&h.src) {
@@ -397,10 +425,10 @@ impl NodeCore {
             {
                 if packet::udp_checksum_ok(packet, &h) {
                     self.events.push_back(NodeEvent::Gossip { peer, payload: payload.to_vec() });
-                    return Verdict::Taken;
+                    return Ok(Verdict::Taken);
                 }
                 self.drops.not_ipv6 += 1;
-                return Verdict::Dropped;
+                return Ok(Verdict::Dropped);
             }
             // Babel, link-local, inside this tunnel.
             if h.dst == BABEL_GROUP || h.dst == self.ll {
@@ -409,10 +437,10 @@ impl NodeCore {
                 {
                     self.router.handle_packet(now, id, h.src, payload);
                     self.pump(now);
-                    return Verdict::Taken;
+                    return Ok(Verdict::Taken);
                 }
                 self.drops.not_ipv6 += 1;
-                return Verdict::Dropped;
+                return Ok(Verdict::Dropped);
             }
         }
         // Data: the peer may only send from its own prefix and from what it
@@ -422,12 +450,12 @@ impl NodeCore {
         if !allowed || !self.cfg.network.contains(&h.src) {
             tracing::debug!(%peer, src = %h.src, dst = %h.dst, "dropped: source not allowed from this peer");
             self.drops.bad_source += 1;
-            return Verdict::Dropped;
+            return Ok(Verdict::Dropped);
         }
         if self.cfg.prefix.contains(&h.dst) {
-            return Verdict::Tun;
+            return Ok(Verdict::Tun);
         }
-        self.forward(h, packet)
+        Err(h)
     }
 
     fn forward(&mut self, h: Ipv6Header, packet: &mut [u8]) -> Verdict {
@@ -458,7 +486,7 @@ impl NodeCore {
         true
     }
 
-    fn send(&mut self, peer: PeerId, packet: Vec<u8>) {
+    fn send(&mut self, peer: PeerId, packet: Payload) {
         if self.count_tx(peer, packet.len()) {
             self.outputs.push_back(Output::ToTunnel { peer, packet });
         }
@@ -470,7 +498,7 @@ impl NodeCore {
             return;
         }
         let p = packet::build_udp(self.ll, tunnel_link_local(&peer), GOSSIP_PORT, 1, payload);
-        self.send(peer, p);
+        self.send(peer, p.into());
     }
 
     /// Tunnel neighbours that speak Babel (and gossip), by prefix.
@@ -585,6 +613,10 @@ impl NodeCore {
     /// Moves the router's and manager's outputs into ours, until neither
     /// has anything left (closing a tunnel makes Babel retract routes).
     fn pump(&mut self, now: Instant) {
+        // Shared datagrams (the same full update on every tunnel), wrapped
+        // once for all their tunnels: (datagram, destination, packet).
+        type Wrapped = (Arc<[u8]>, Ipv6Addr, Arc<[u8]>);
+        let mut wrapped: Vec<Wrapped> = Vec::new();
         loop {
             let mut busy = false;
             while let Some(a) = self.manager.poll_action() {
@@ -617,7 +649,20 @@ impl NodeCore {
                     Destination::Multicast => BABEL_GROUP,
                     Destination::Unicast(a) => a,
                 };
-                let p = packet::wrap_udp(self.ll, dst, BABEL_PORT, 1, t.payload);
+                let p = match t.payload {
+                    Payload::Own(v) => Payload::Own(packet::wrap_udp(self.ll, dst, BABEL_PORT, 1, v)),
+                    Payload::Shared(d) => {
+                        let known = wrapped.iter().find(|(k, a, _)| Arc::ptr_eq(k, &d) && *a == dst);
+                        Payload::Shared(match known {
+                            Some((.., p)) => p.clone(),
+                            None => {
+                                let p: Arc<[u8]> = packet::build_udp(self.ll, dst, BABEL_PORT, 1, &d).into();
+                                wrapped.push((d, dst, p.clone()));
+                                p
+                            }
+                        })
+                    }
+                };
                 self.send(peer, p);
             }
             if !busy {
@@ -692,6 +737,74 @@ mod tests {
         c.tunnel_up(now, peer(6));
         assert_eq!(ids(&c), [1, 3, 4]);
         assert!(c.by_id.len() <= 5, "{:?}", c.by_id);
+    }
+
+    /// A periodic full update goes out on every tunnel as one packet whose
+    /// bytes the tunnels share (wrapped once, checksum and all), and a
+    /// shared packet that comes in is handled like an owned one: Babel is
+    /// taken, data forwarded from a copy, the shared bytes left as they were.
+    #[test]
+    fn full_updates_are_shared_by_the_tunnels() {
+        let t0 = Instant::now();
+        let mut c = core(t0);
+        let peer = |i: u16| -> Ipv6Net { format!("fd5e:77:0:{i:x}::/64").parse().unwrap() };
+        for i in 1..=3 {
+            c.tunnel_up(t0, peer(i));
+        }
+        while c.poll_output().is_some() {}
+        let later = t0 + Duration::from_secs(40);
+        let mut shared: Vec<(PeerId, Arc<[u8]>)> = Vec::new();
+        let mut now = t0;
+        while now < later {
+            now = c.poll_timeout().min(later);
+            c.handle_timeout(now);
+            while let Some(o) = c.poll_output() {
+                if let Output::ToTunnel { peer, packet: Payload::Shared(p) } = o {
+                    shared.push((peer, p));
+                }
+            }
+        }
+        let peers: std::collections::BTreeSet<PeerId> = shared.iter().map(|(p, _)| *p).collect();
+        assert_eq!(peers.len(), 3, "a full update on every tunnel: {shared:?}");
+        let first = &shared[0].1;
+        let same: Vec<_> = shared.iter().filter(|(_, p)| Arc::ptr_eq(p, first)).map(|(p, _)| *p).collect();
+        assert_eq!(same.len(), 3, "one copy for the three tunnels");
+        let h = packet::parse_ipv6(first).expect("IPv6");
+        assert_eq!(h.dst, BABEL_GROUP);
+        assert!(packet::udp_checksum_ok(first, &h) && packet::udp_payload(first, &h, BABEL_PORT).is_some());
+
+        // Coming in shared: a Babel packet is taken (the sender becomes a
+        // Babel neighbour)...
+        let mut other = core(t0);
+        other.tunnel_up(t0, "fd5e:77::/64".parse().unwrap());
+        while other.poll_output().is_some() {}
+        let before = other.drops();
+        other.from_tunnel(later, "fd5e:77::/64".parse().unwrap(), Payload::Shared(first.clone()));
+        assert_eq!(other.drops(), before, "taken, not dropped");
+        assert_eq!(other.router().neighbours(later).len(), 1, "heard by Babel");
+        // ... and data to forward is copied, the shared bytes untouched.
+        let data: Arc<[u8]> = packet::build_udp(
+            "fd5e:77:0:1::1".parse().unwrap(),
+            "fd5e:77:0:2::1".parse().unwrap(),
+            9,
+            64,
+            b"x",
+        )
+        .into();
+        // (Silent for 40 s, the tunnels were closed: up again.)
+        c.tunnel_up(later, peer(1));
+        c.tunnel_up(later, peer(2));
+        while c.poll_output().is_some() {}
+        c.set_route(peer(2), Some(peer(2)));
+        c.from_tunnel(later, peer(1), Payload::Shared(data.clone()));
+        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        let fwd = out.iter().find_map(|o| match o {
+            Output::ToTunnel { peer: p, packet } if *p == peer(2) => Some(packet.to_vec()),
+            _ => None,
+        });
+        let fwd = fwd.unwrap_or_else(|| panic!("forwarded: {out:?} {:?}", c.drops()));
+        assert_eq!(fwd[7], 63, "hop limit decremented in the copy");
+        assert_eq!(data[7], 64, "the shared bytes are unchanged");
     }
 
     #[test]

@@ -304,7 +304,7 @@ impl BabelSim {
                 peer.0,
                 peer.1,
                 link_local(node, t.iface),
-                t.payload,
+                t.payload.into_vec(),
             )));
         }
         while self.nodes[node].router.poll_event().is_some() {}

@@ -24,7 +24,7 @@ use ipnet::Ipv6Net;
 use sixmesh_mesh_node::manager::{Action, Announcing, ManagerConfig};
 use sixmesh_mesh_node::node::{NodeConfig, NodeCore, NodeEvent, Output};
 use sixmesh_mesh_node::packet;
-use sixmesh_routing::core::{FxMap, prefetch};
+use sixmesh_routing::core::{FxMap, Payload, prefetch};
 use sixmesh_routing::wire::RouterId;
 
 use crate::babel::NodeId;
@@ -141,7 +141,7 @@ enum Ev {
     /// An inner packet arrives at `to` from `from`'s tunnel; `broken`:
     /// the path's [`PathParams::broken`] (the sender looked it up: the
     /// receiver need not look it up again).
-    Packet { from: NodeId, to: NodeId, broken: bool, packet: Vec<u8> },
+    Packet { from: NodeId, to: NodeId, broken: bool, packet: Payload },
     /// A handshake from `from` reaches `to`.
     Handshake { from: NodeId, to: NodeId },
     /// The handshake answer reaches `from`.
@@ -1125,13 +1125,16 @@ impl MeshSim {
         while cur != b {
             let Some(peer) = self.nodes[cur].core.route(dst) else { return Walk::NoRoute { at: cur } };
             let Some(next) = node_in(&peer, self.nodes.len()) else { return Walk::NoRoute { at: cur } };
-            if !self.path_up(cur, next) {
+            // One call of the path function per hop (it hashes and converts:
+            // the walks of a large run's samples showed it in profiles).
+            let p = self.path(cur, next);
+            if !ctx!(self).up_with(cur, next, p.broken) {
                 return Walk::PathDown { at: cur, next };
             }
             if let Some(k) = path.iter().position(|&x| x == next) {
                 return Walk::Loop { path: path[k..].to_vec() };
             }
-            latency += self.path(cur, next).latency;
+            latency += p.latency;
             path.push(next);
             cur = next;
             if path.len() > 64 {

@@ -138,7 +138,53 @@ pub enum Destination {
 pub struct Transmit {
     pub iface: IfaceId,
     pub dst: Destination,
-    pub payload: Vec<u8>,
+    pub payload: Payload,
+}
+
+/// A datagram's bytes: its own, or shared with the same datagram sent on
+/// other interfaces (a full update goes out alike on every tunnel: one
+/// copy, not one per tunnel, and a driver may wrap it once for all).
+/// Equal when the bytes are.
+#[derive(Clone, Debug)]
+pub enum Payload {
+    /// With [`PacketBuilder::SPARE`] capacity past its bytes, for headers.
+    Own(Vec<u8>),
+    Shared(Arc<[u8]>),
+}
+
+impl Payload {
+    /// The bytes as a vector of their own (a copy only if shared).
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Payload::Own(v) => v,
+            Payload::Shared(a) => a.to_vec(),
+        }
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Own(v) => v,
+            Payload::Shared(a) => a,
+        }
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Payload {}
+
+impl From<Vec<u8>> for Payload {
+    fn from(v: Vec<u8>) -> Self {
+        Payload::Own(v)
+    }
 }
 
 /// Something the driver should act on.
@@ -375,6 +421,9 @@ struct Encoded {
     msgs: Arc<[Message]>,
     mtu: usize,
     builder: PacketBuilder,
+    /// The datagrams, once finished for an interface that had nothing else
+    /// queued: shared by the next such interfaces.
+    datagrams: Option<Arc<[Arc<[u8]>]>>,
 }
 
 /// What the chunk groups of a repeatable datagram share.
@@ -1993,6 +2042,27 @@ impl Router {
             rest = tail;
             let Some(i) = self.ifaces.get(&iface) else { continue };
             let mtu = i.cfg.mtu;
+            // Shared messages alone (a full update, a flush's triggered
+            // updates): the same datagrams as on the other interfaces.
+            if let [(.., Queued::Shared(msgs))] = queued {
+                let e = match &mut self.encoded {
+                    Some(e) if e.mtu == mtu && Arc::ptr_eq(&e.msgs, msgs) => e,
+                    e => {
+                        let mut b = PacketBuilder::new(mtu);
+                        msgs.iter().for_each(|m| b.push(m));
+                        e.insert(Encoded { msgs: msgs.clone(), mtu, builder: b, datagrams: None })
+                    }
+                };
+                let datagrams = e.datagrams.get_or_insert_with(|| {
+                    e.builder.clone().finish().into_iter().map(Arc::from).collect::<Vec<Arc<[u8]>>>().into()
+                });
+                for d in datagrams.iter() {
+                    self.stats.packets_out += 1;
+                    self.stats.bytes_out += d.len() as u64;
+                    self.transmits.push_back(Transmit { iface, dst, payload: Payload::Shared(d.clone()) });
+                }
+                continue;
+            }
             let mut b = PacketBuilder::new(mtu);
             for (.., q) in queued {
                 match q {
@@ -2007,8 +2077,12 @@ impl Router {
                             _ => {
                                 msgs.iter().for_each(|m| b.push(m));
                                 if first {
-                                    self.encoded =
-                                        Some(Encoded { msgs: msgs.clone(), mtu, builder: b.clone() });
+                                    self.encoded = Some(Encoded {
+                                        msgs: msgs.clone(),
+                                        mtu,
+                                        builder: b.clone(),
+                                        datagrams: None,
+                                    });
                                 }
                             }
                         }
@@ -2019,7 +2093,7 @@ impl Router {
             b.finish_each(|payload| {
                 stats.packets_out += 1;
                 stats.bytes_out += payload.len() as u64;
-                transmits.push_back(Transmit { iface, dst, payload });
+                transmits.push_back(Transmit { iface, dst, payload: Payload::Own(payload) });
             });
         }
         // Nothing was queued meanwhile: keep the allocation.

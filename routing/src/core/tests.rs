@@ -843,12 +843,13 @@ fn shared_periodic_wakeups(hello: bool) {
 /// A full update is encoded once per MTU and copied to the next
 /// interface: every queue gives the bytes a fresh encoding of its messages
 /// gives, with the full update alone or between other messages, on
-/// interfaces of two MTUs, and again from the copy in a later flush.
+/// interfaces of two MTUs, and again from the copy in a later flush; the
+/// interfaces where it is alone share one copy of its datagrams.
 #[test]
 fn shared_full_updates_encode_as_fresh_ones_do() {
     let t0 = Instant::now();
     let mut r = router(t0);
-    for (iface, mtu) in [(1, 1400), (2, 1400), (3, 300)] {
+    for (iface, mtu) in [(1, 1400), (2, 1400), (3, 1400), (5, 300)] {
         let mut c = InterfaceConfig::new(LinkKind::Wired, ll(1));
         c.mtu = mtu;
         r.add_interface(t0, iface, c);
@@ -877,7 +878,11 @@ fn shared_full_updates_encode_as_fresh_ones_do() {
                     Queued::Shared(msgs) => msgs.iter().for_each(|m| b.push(m)),
                 }
             }
-            all.extend(b.finish().into_iter().map(|payload| Transmit { iface, dst, payload }));
+            all.extend(b.finish().into_iter().map(|payload| Transmit {
+                iface,
+                dst,
+                payload: payload.into(),
+            }));
         }
         all
     };
@@ -889,6 +894,7 @@ fn shared_full_updates_encode_as_fresh_ones_do() {
         r.queue(2, multi, other(1));
         r.send_full_update(t, 2, multi);
         r.queue(2, multi, other(2));
+        r.send_full_update(t, 5, multi);
         r.send_full_update(t, 3, multi);
         r.send_full_update(t, 0, Destination::Unicast(ll(2)));
         r.queue(0, Destination::Unicast(ll(2)), other(3));
@@ -897,8 +903,19 @@ fn shared_full_updates_encode_as_fresh_ones_do() {
         let got: Vec<Transmit> = std::iter::from_fn(|| r.poll_transmit()).collect();
         assert_eq!(got, want, "round {round}");
         let packets_on = |i: IfaceId| got.iter().filter(|x| x.iface == i).count();
-        assert!(packets_on(1) >= 2 && packets_on(3) > packets_on(1), "spans packets: {}", got.len());
+        assert!(packets_on(1) >= 2 && packets_on(5) > packets_on(1), "spans packets: {}", got.len());
         assert!(r.encoded.is_some());
+        // Where the full update is all there is, the datagrams are one
+        // copy shared by those interfaces.
+        let on = |i: IfaceId| got.iter().filter(|x| x.iface == i).map(|x| &x.payload).collect::<Vec<_>>();
+        assert_eq!(on(1).len(), on(3).len());
+        for (a, b) in on(1).into_iter().zip(on(3)) {
+            assert!(
+                matches!((a, b), (Payload::Shared(a), Payload::Shared(b)) if Arc::ptr_eq(a, b)),
+                "round {round}"
+            );
+        }
+        assert!(on(2).iter().all(|p| matches!(p, Payload::Own(_))));
     }
 }
 
@@ -1280,7 +1297,11 @@ fn iface_neighbours_survive_pushes_and_removals() {
 fn an_emptied_transmit_queue_gives_its_room_back() {
     let mut r = router(Instant::now());
     for k in 0..2000 {
-        r.transmits.push_back(Transmit { iface: 0, dst: Destination::Multicast, payload: vec![k as u8] });
+        r.transmits.push_back(Transmit {
+            iface: 0,
+            dst: Destination::Multicast,
+            payload: vec![k as u8].into(),
+        });
     }
     assert!(r.transmits.capacity() >= 2000);
     let mut sent = 0;
