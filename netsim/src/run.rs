@@ -212,6 +212,11 @@ pub trait Network {
     fn underlay_components(&self) -> Vec<u32>;
     /// Lowest underlay latency from `a` to every node.
     fn underlay_distances(&self, a: NodeId) -> Vec<Option<Duration>>;
+
+    /// [`Network::underlay_distances`] from each of `sources`.
+    fn underlay_distances_from(&self, sources: &[NodeId]) -> Vec<Vec<Option<Duration>>> {
+        sources.iter().map(|&a| self.underlay_distances(a)).collect()
+    }
     /// Whether the path between two nodes is broken by configuration.
     fn path_broken(&self, a: NodeId, b: NodeId) -> bool;
     /// Node `i`'s control traffic so far.
@@ -270,6 +275,10 @@ impl Network for MeshSim {
     }
     fn underlay_distances(&self, a: NodeId) -> Vec<Option<Duration>> {
         MeshSim::underlay_distances(self, a)
+    }
+
+    fn underlay_distances_from(&self, sources: &[NodeId]) -> Vec<Vec<Option<Duration>>> {
+        MeshSim::underlay_distances_from(self, sources)
     }
     fn path_broken(&self, a: NodeId, b: NodeId) -> bool {
         self.path(a, b).broken
@@ -820,8 +829,9 @@ impl<'a, N: Network> Runner<'a, N> {
         shuffle(&mut pool, &mut self.rng);
         let mut pairs = Vec::new();
         let mut shortest = Vec::new();
-        for &a in pool.iter().take(sources) {
-            let dist = self.sim.underlay_distances(a);
+        let from: Vec<NodeId> = pool.iter().take(sources).copied().collect();
+        let all = self.sim.underlay_distances_from(&from);
+        for (&a, dist) in from.iter().zip(all) {
             for &b in running {
                 if b != a && self.sim.announces(b) {
                     pairs.push((a, b));
