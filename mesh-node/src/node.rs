@@ -353,7 +353,9 @@ impl NodeCore {
         let (verdict, packet) = match packet.into() {
             Payload::Own(mut v) => (self.route_from_tunnel(now, peer, &mut v), v),
             Payload::Shared(a) => match self.receive(now, peer, &a) {
-                Ok(v) => (v, a.to_vec()),
+                Ok(v @ (Verdict::Tun | Verdict::Tunnel(_))) => (v, a.to_vec()),
+                // Taken or dropped: nothing to hand on, no copy.
+                Ok(v) => (v, Vec::new()),
                 Err(h) => {
                     let mut v = a.to_vec();
                     (self.forward(h, &mut v), v)

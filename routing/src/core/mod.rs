@@ -441,8 +441,7 @@ pub struct Router {
     seqno: u16,
     epoch: Instant,
     rng: u64,
-    /// Looked up for every packet in and out: hashed (iterated in id
-    /// order where the order shows).
+    /// Looked up for every packet in and out (by id, without hashing).
     ifaces: IdMap<Iface>,
     /// By id: the lowest free one is taken, so that they stay small.
     neighbours: IdMap<Neighbour>,
