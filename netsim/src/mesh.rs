@@ -1149,16 +1149,26 @@ impl MeshSim {
     /// threads when there are many (a run samples thousands of pairs every
     /// virtual second, while the other threads would wait).
     pub fn walks(&self, pairs: &[(NodeId, NodeId)]) -> Vec<Walk> {
-        if self.threads < 2 || pairs.len() < WALKS_PER_THREAD * 2 {
-            return pairs.iter().map(|&(a, b)| self.walk(a, b)).collect();
+        self.share_out(pairs, WALKS_PER_THREAD, |&(a, b)| self.walk(a, b))
+    }
+
+    /// `f` of each item, in order, shared out to the simulation's threads
+    /// when each would get at least `min_each` items.
+    fn share_out<T: Sync, R: Send>(
+        &self,
+        items: &[T],
+        min_each: usize,
+        f: impl Fn(&T) -> R + Sync,
+    ) -> Vec<R> {
+        if self.threads < 2 || items.len() < min_each.max(1) * 2 {
+            return items.iter().map(f).collect();
         }
-        let per = pairs.len().div_ceil(self.threads);
+        let per = items.len().div_ceil(self.threads);
+        let f = &f;
         std::thread::scope(|s| {
-            let parts: Vec<_> = pairs
-                .chunks(per)
-                .map(|c| s.spawn(move || c.iter().map(|&(a, b)| self.walk(a, b)).collect::<Vec<_>>()))
-                .collect();
-            parts.into_iter().flat_map(|p| p.join().expect("a walk panicked")).collect()
+            let parts: Vec<_> =
+                items.chunks(per).map(|c| s.spawn(move || c.iter().map(f).collect::<Vec<_>>())).collect();
+            parts.into_iter().flat_map(|p| p.join().expect("a simulation thread panicked")).collect()
         })
     }
 
@@ -1211,18 +1221,7 @@ impl MeshSim {
             ),
             None => self.underlay_distances(a),
         };
-        if self.threads < 2 || sources.len() < 2 {
-            return sources.iter().map(|&a| one(a)).collect();
-        }
-        let per = sources.len().div_ceil(self.threads);
-        std::thread::scope(|s| {
-            let one = &one;
-            let parts: Vec<_> = sources
-                .chunks(per)
-                .map(|c| s.spawn(move || c.iter().map(|&a| one(a)).collect::<Vec<_>>()))
-                .collect();
-            parts.into_iter().flat_map(|p| p.join().expect("a search panicked")).collect()
-        })
+        self.share_out(sources, 1, |&a| one(a))
     }
 
     /// Tunnels that are up at both ends, as (a, b) with a < b.

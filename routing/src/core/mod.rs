@@ -680,10 +680,8 @@ impl Router {
 
     /// The interfaces and their settings.
     pub fn interfaces(&self) -> impl Iterator<Item = (IfaceId, &InterfaceConfig)> {
-        let mut all: Vec<(IfaceId, &InterfaceConfig)> =
-            self.ifaces.iter().map(|(id, i)| (id, &i.cfg)).collect();
-        all.sort_unstable_by_key(|(id, _)| *id);
-        all.into_iter()
+        // In id order, as the table iterates.
+        self.ifaces.iter().map(|(id, i)| (id, &i.cfg))
     }
 
     /// Originates a route to `prefix` (from `src`, if source-specific).
@@ -2147,7 +2145,7 @@ impl Router {
                 .filter(|(_, j)| interval(&j.cfg) == h && j.next_periodic(hello) <= soon)
                 .map(|(id, _)| id),
         );
-        due.sort_unstable();
+        // In id order (the table's), so that datagrams go out in a fixed order.
         for &j in &due {
             if hello {
                 self.send_hello(now, j);
