@@ -18,6 +18,22 @@ use crate::cli::{Cli, Command};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Tells the allocator to keep the memory it frees instead of giving it back
+/// to the system ten milliseconds later. For the simulator, which frees and
+/// allocates packets all the time within a footprint that only grows: given
+/// back, that memory comes back in 4 KiB page faults that split the
+/// transparent huge pages (1,000 nodes, 240 virtual s on one thread: 94,000
+/// page faults and 6 % more time than with 1,400). Not for the daemons, whose
+/// footprint is small and should shrink after a peak.
+pub fn keep_freed_memory() {
+    /// `mi_option_purge_delay` in mimalloc.h (the same in versions 2 and 3):
+    /// milliseconds before freed memory is given back, -1 for never.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: mi_option_set only stores an integer option; the purge code
+    // reads it each time it runs, so setting it at any time is sound.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 /// Exit status of a subcommand that a later issue has not filled yet.
 pub const EXIT_NOT_IMPLEMENTED: u8 = 2;
 

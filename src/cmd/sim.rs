@@ -102,6 +102,7 @@ fn available_memory() -> Option<f64> {
 
 /// Runs `sixmesh sim`.
 pub fn run_sim(args: SimArgs) -> Result<ExitCode> {
+    crate::keep_freed_memory();
     let mut s = Scenario::load(&args.scenario)?;
     if let Some(seed) = args.seed {
         s.seed = seed;
