@@ -585,6 +585,39 @@ fn packets_have_spare_room_and_small_ones_stay_small() {
     }
 }
 
+/// A buffer given back is the next packet's, emptied first; too small or
+/// too large ones are not kept.
+#[test]
+fn recycled_buffers_start_the_next_packets() {
+    let hello = Message::Hello { unicast: false, seqno: 1, interval: 50, timestamp: Some(7) };
+    let fresh = encode(std::slice::from_ref(&hello), 1232);
+    // Leftover bytes in a buffer must not leak into the next packet.
+    let mut used = vec![0xee; 700];
+    used.reserve_exact(100);
+    let ptr = used.as_ptr();
+    recycle(used);
+    let reused = encode(std::slice::from_ref(&hello), 1232);
+    assert_eq!(reused[0].as_ptr(), ptr, "the buffer given back is reused");
+    assert_eq!(reused, fresh);
+    assert!(reused[0].capacity() >= reused[0].len() + 48);
+    // Last given back, first taken.
+    let (a, b) = (Vec::<u8>::with_capacity(400), Vec::<u8>::with_capacity(400));
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    recycle(a);
+    recycle(b);
+    assert_eq!(encode(std::slice::from_ref(&hello), 1232)[0].as_ptr(), pb);
+    assert_eq!(encode(std::slice::from_ref(&hello), 1232)[0].as_ptr(), pa);
+    let pooled = || POOL.with(|p| p.borrow().len());
+    let before = pooled();
+    for cap in [16, 100_000] {
+        recycle(Vec::with_capacity(cap));
+        assert_eq!(pooled(), before, "a buffer of {cap} bytes is not kept");
+    }
+    // Nor more than a few dozen.
+    (0..2 * POOLED).for_each(|_| recycle(Vec::with_capacity(400)));
+    assert_eq!(pooled(), POOLED);
+}
+
 #[test]
 fn finish_each_gives_what_finish_gives() {
     let msgs = numbered_updates(120, 5);
