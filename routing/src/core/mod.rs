@@ -15,6 +15,33 @@ mod tables;
 #[cfg(test)]
 mod tests;
 
+/// The decoded messages of the packet being handled, one buffer per
+/// thread rather than per router: it stays in cache from one packet to the
+/// next, whichever router handles it (one per router was a cold buffer for
+/// every packet of a simulation running thousands, and their memory).
+mod scratch {
+    use std::cell::Cell;
+
+    use crate::wire::Decoded;
+
+    thread_local! {
+        static DECODED: Cell<Option<Decoded>> = const { Cell::new(None) };
+    }
+
+    /// The thread's buffer, empty (a new one if it is in use).
+    pub(super) fn take() -> Decoded {
+        DECODED.try_with(Cell::take).ok().flatten().unwrap_or_default()
+    }
+
+    /// Gives the buffer back, emptied, for the next packet.
+    pub(super) fn put(mut d: Decoded) {
+        d.messages.clear();
+        d.errors = 0;
+        d.unknown = 0;
+        let _ = DECODED.try_with(|c| c.set(Some(d)));
+    }
+}
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr};
@@ -476,8 +503,6 @@ pub struct Router {
     /// when flushed so that datagrams go out in a fixed order (a queue per
     /// destination was an allocation per tunnel for every shared Hello).
     out: Vec<Outgoing>,
-    /// The messages of the packet being handled (kept for its allocation).
-    decoded: wire::Decoded,
     /// A repeated datagram's groups (kept for its allocation).
     hits_buf: Vec<repeats::Hit>,
     /// A Hello's IHUs while it is queued (kept for its allocation).
@@ -557,7 +582,6 @@ impl Router {
             plain_lens: BTreeMap::new(),
             specific: BTreeSet::new(),
             out: Vec::new(),
-            decoded: wire::Decoded::default(),
             hits_buf: Vec::new(),
             ihu_buf: Vec::new(),
             periodic_buf: Vec::new(),
@@ -745,11 +769,11 @@ impl Router {
             return;
         }
         // One buffer for every packet's messages (no allocation per packet).
-        let mut decoded = std::mem::take(&mut self.decoded);
+        let mut decoded = scratch::take();
         if let Err(e) = wire::decode_into(bytes, &mut decoded) {
             tracing::debug!(%src, iface, "dropped Babel packet: {e}");
             self.stats.packets_dropped += 1;
-            self.decoded = decoded;
+            scratch::put(decoded);
             return;
         }
         self.stats.tlvs_dropped += u64::from(decoded.errors);
@@ -780,7 +804,7 @@ impl Router {
             }
         }
         decoded.messages.clear();
-        self.decoded = decoded;
+        scratch::put(decoded);
         self.cost_cache = None;
         self.expiry_cache = None;
         self.flush(now);
