@@ -935,7 +935,7 @@ impl Daemon {
     async fn pump(&mut self) {
         while let Some(o) = self.core.poll_output() {
             match o {
-                Output::ToTunnel { peer, packet } => self.send_to_peer(peer, &packet).await,
+                Output::ToTunnel { peer, packet, .. } => self.send_to_peer(peer, &packet).await,
                 Output::ToTun(p) => {
                     let mut b = vec![0u8; VNET];
                     b.extend(p);

@@ -31,6 +31,25 @@ pub const GOSSIP_PORT: u16 = 6697;
 /// Babel's id of a tunnel (its interface number in the router).
 pub type TunnelId = u32;
 
+/// A tunnel's ids at both ends, like WireGuard's sender and receiver
+/// indices: the sending node's own and the one the far end gave last
+/// ([`TunnelIds::UNKNOWN`] until it did). A driver that carries them with
+/// each packet (the simulator does) lets the far end find its tunnel by
+/// index instead of hashing the peer's prefix; a wrong or unknown index
+/// only costs that lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelIds {
+    /// The sender's id of the tunnel.
+    pub local: TunnelId,
+    /// The receiver's id of the tunnel, as the sender last heard it.
+    pub remote: TunnelId,
+}
+
+impl TunnelIds {
+    /// Nothing known (a packet from a driver that does not carry ids).
+    pub const UNKNOWN: TunnelIds = TunnelIds { local: TunnelId::MAX, remote: TunnelId::MAX };
+}
+
 /// Settings of the node core.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -87,10 +106,10 @@ pub fn tunnel_link_local(prefix: &Ipv6Net) -> Ipv6Addr {
 /// What the core wants sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
-    /// An inner IPv6 packet for the tunnel to `peer`.
+    /// An inner IPv6 packet for the tunnel to `peer`, whose ids are `ids`.
     /// Its bytes may be shared with the same packet for other tunnels (a
     /// Babel full update goes out alike on every tunnel).
-    ToTunnel { peer: PeerId, packet: Payload },
+    ToTunnel { peer: PeerId, packet: Payload, ids: TunnelIds },
     /// A packet for this machine (write it to the TUN device).
     ToTun(Vec<u8>),
 }
@@ -143,12 +162,92 @@ pub struct TunnelCounters {
 #[derive(Debug)]
 struct Tunnel {
     id: TunnelId,
+    /// The far end's id of this tunnel, as it last said ([`TunnelIds`]).
+    remote: TunnelId,
     /// A peer that does not speak Babel (e.g. a plain WireGuard peer): a
     /// fixed route to its prefix, no Babel, never closed for silence.
     fixed: bool,
     counters: TunnelCounters,
     /// Last time anything came out of this tunnel.
     last_rx: Instant,
+}
+
+impl Tunnel {
+    fn ids(&self) -> TunnelIds {
+        TunnelIds { local: self.id, remote: self.remote }
+    }
+}
+
+/// The tunnels, in slots by id (the router's interface number; 0 is never
+/// used; a new tunnel takes the lowest free id, so ids stay small and the
+/// router finds its interfaces without hashing), found by peer through an
+/// index. Every packet looks its tunnel up: by the id it carries, one
+/// cache miss; by peer, the index's two more.
+#[derive(Debug)]
+struct Tunnels {
+    slots: Vec<Option<(PeerId, Tunnel)>>,
+    index: FxMap<PeerId, TunnelId>,
+}
+
+impl Tunnels {
+    fn new() -> Self {
+        Tunnels { slots: vec![None], index: FxMap::default() }
+    }
+
+    fn contains(&self, peer: &PeerId) -> bool {
+        self.index.contains_key(peer)
+    }
+
+    fn get(&self, peer: &PeerId) -> Option<&Tunnel> {
+        let id = *self.index.get(peer)?;
+        self.slots[id as usize].as_ref().map(|(_, t)| t)
+    }
+
+    /// The tunnel to `peer`: at `id` if it is there, else looked up.
+    fn find_mut(&mut self, peer: &PeerId, id: TunnelId) -> Option<&mut Tunnel> {
+        let at = match self.slots.get(id as usize) {
+            Some(Some((p, _))) if p == peer => id,
+            _ => *self.index.get(peer)?,
+        };
+        self.slots[at as usize].as_mut().map(|(_, t)| t)
+    }
+
+    /// Tunnel `id` and its peer.
+    fn at(&self, id: TunnelId) -> Option<(PeerId, &Tunnel)> {
+        self.slots.get(id as usize)?.as_ref().map(|(p, t)| (*p, t))
+    }
+
+    fn at_mut(&mut self, id: TunnelId) -> Option<(PeerId, &mut Tunnel)> {
+        self.slots.get_mut(id as usize)?.as_mut().map(|(p, t)| (*p, t))
+    }
+
+    /// Adds a tunnel to `peer` (not there yet) at the lowest free id.
+    fn insert(&mut self, now: Instant, peer: PeerId, fixed: bool) -> TunnelId {
+        let id = self.slots.iter().skip(1).position(Option::is_none).map_or(self.slots.len(), |i| i + 1);
+        if id == self.slots.len() {
+            self.slots.push(None);
+        }
+        let id = id as TunnelId;
+        let t =
+            Tunnel { id, remote: TunnelId::MAX, fixed, counters: TunnelCounters::default(), last_rx: now };
+        self.slots[id as usize] = Some((peer, t));
+        self.index.insert(peer, id);
+        id
+    }
+
+    fn remove(&mut self, peer: &PeerId) -> Option<Tunnel> {
+        let id = self.index.remove(peer)?;
+        let t = self.slots[id as usize].take().map(|(_, t)| t);
+        while self.slots.len() > 1 && self.slots.last().is_some_and(Option::is_none) {
+            self.slots.pop();
+        }
+        t
+    }
+
+    /// In id order.
+    fn iter(&self) -> impl Iterator<Item = (PeerId, &Tunnel)> {
+        self.slots.iter().flatten().map(|(p, t)| (*p, t))
+    }
 }
 
 /// The node core. See the module documentation.
@@ -162,13 +261,9 @@ pub struct NodeCore {
     /// How many destinations Babel routes through each peer (kept with the
     /// FIB; the tunnel manager's refresh drops the tunnel carrying fewest).
     route_counts: BTreeMap<PeerId, usize>,
-    /// Looked up for every packet: hashed (iterated in peer order where
-    /// the order shows).
-    tunnels: FxMap<PeerId, Tunnel>,
-    /// The peer of each tunnel id (the index; 0 is never used). A new
-    /// tunnel takes the lowest free id: ids stay small, and the router
-    /// finds its interfaces by id without hashing.
-    by_id: Vec<Option<PeerId>>,
+    /// Looked up for every packet (iterated in peer order where the order
+    /// shows).
+    tunnels: Tunnels,
     outputs: VecDeque<Output>,
     events: VecDeque<NodeEvent>,
     next_housekeeping: Instant,
@@ -203,8 +298,7 @@ impl NodeCore {
             manager,
             fib: Fib::new(),
             route_counts: BTreeMap::new(),
-            tunnels: FxMap::default(),
-            by_id: vec![None],
+            tunnels: Tunnels::new(),
             outputs: VecDeque::new(),
             events: VecDeque::new(),
             next_housekeeping: now,
@@ -236,7 +330,7 @@ impl NodeCore {
     /// Per-tunnel counters, by peer.
     pub fn tunnel_counters(&self) -> impl Iterator<Item = (PeerId, TunnelCounters)> + '_ {
         let mut all: Vec<(PeerId, TunnelCounters)> =
-            self.tunnels.iter().map(|(p, t)| (*p, t.counters)).collect();
+            self.tunnels.iter().map(|(p, t)| (p, t.counters)).collect();
         all.sort_unstable_by_key(|(p, _)| *p);
         all.into_iter()
     }
@@ -255,35 +349,13 @@ impl NodeCore {
 
     /// Records a new tunnel; the peer may send from its own prefix at once.
     fn add_tunnel(&mut self, now: Instant, peer: PeerId, fixed: bool) -> TunnelId {
-        let id = self.by_id.iter().skip(1).position(Option::is_none).map_or(self.by_id.len(), |i| i + 1);
-        if id == self.by_id.len() {
-            self.by_id.push(None);
-        }
-        self.by_id[id] = Some(peer);
-        let id = id as TunnelId;
-        self.tunnels.insert(peer, Tunnel { id, fixed, counters: TunnelCounters::default(), last_rx: now });
-        id
-    }
-
-    /// The peer of tunnel `id`.
-    fn peer_of(&self, id: TunnelId) -> Option<PeerId> {
-        self.by_id.get(id as usize).copied().flatten()
-    }
-
-    /// Forgets tunnel `id`'s peer.
-    fn free_id(&mut self, id: TunnelId) {
-        if let Some(p) = self.by_id.get_mut(id as usize) {
-            *p = None;
-        }
-        while self.by_id.len() > 1 && self.by_id.last().is_some_and(Option::is_none) {
-            self.by_id.pop();
-        }
+        self.tunnels.insert(now, peer, fixed)
     }
 
     /// A tunnel to `peer` is established (both directions work): Babel
     /// starts speaking in it.
     pub fn tunnel_up(&mut self, now: Instant, peer: PeerId) {
-        if self.tunnels.contains_key(&peer) {
+        if self.tunnels.contains(&peer) {
             self.manager.tunnel_up(now, peer);
             return;
         }
@@ -304,7 +376,7 @@ impl NodeCore {
     /// prefix only, and we announce its prefix in Babel (we are the mesh's
     /// gateway to it).
     pub fn fixed_tunnel_up(&mut self, now: Instant, peer: PeerId) {
-        if self.tunnels.contains_key(&peer) {
+        if self.tunnels.contains(&peer) {
             return;
         }
         self.add_tunnel(now, peer, true);
@@ -318,7 +390,6 @@ impl NodeCore {
     /// The tunnel to `peer` is gone (or never came up).
     pub fn tunnel_down(&mut self, now: Instant, peer: PeerId) {
         if let Some(t) = self.tunnels.remove(&peer) {
-            self.free_id(t.id);
             if t.fixed {
                 if self.fib.lookup(peer.network()) == Some(&peer) {
                     self.set_route(peer, None);
@@ -341,8 +412,8 @@ impl NodeCore {
 
     /// A packet the machine sent into the mesh (read from the TUN device).
     pub fn from_tun(&mut self, now: Instant, mut packet: Vec<u8>) {
-        if let Verdict::Tunnel(peer) = self.route_from_tun(now, &mut packet) {
-            self.outputs.push_back(Output::ToTunnel { peer, packet: packet.into() });
+        if let (Verdict::Tunnel(peer), ids) = self.tun_verdict(now, &mut packet) {
+            self.outputs.push_back(Output::ToTunnel { peer, packet: packet.into(), ids });
         }
     }
 
@@ -350,19 +421,34 @@ impl NodeCore {
     /// bytes are read in place (copied only if the packet must change: data
     /// to forward, its hop limit decremented).
     pub fn from_tunnel(&mut self, now: Instant, peer: PeerId, packet: impl Into<Payload>) {
+        self.from_tunnel_with(now, peer, TunnelIds::UNKNOWN, packet);
+    }
+
+    /// [`NodeCore::from_tunnel`] for a packet that came with the sender's
+    /// [`TunnelIds`] (as in [`Output::ToTunnel`]): the tunnel is found by
+    /// the id the sender gave for ours, and the sender's own id is noted
+    /// for what we send back.
+    pub fn from_tunnel_with(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        ids: TunnelIds,
+        packet: impl Into<Payload>,
+    ) {
         let (verdict, packet) = match packet.into() {
-            Payload::Own(mut v) => match self.route_from_tunnel(now, peer, &mut v) {
+            Payload::Own(mut v) => match self.receive(now, peer, ids, &v) {
                 // Read and done with: the next packet built may reuse it.
-                Verdict::Taken | Verdict::Dropped => {
+                Ok(Verdict::Taken | Verdict::Dropped) => {
                     sixmesh_routing::wire::recycle(v);
                     return;
                 }
-                verdict => (verdict, v),
+                Ok(verdict) => ((verdict, TunnelIds::UNKNOWN), v),
+                Err(h) => (self.forward(h, &mut v), v),
             },
-            Payload::Shared(a) => match self.receive(now, peer, &a) {
-                Ok(v @ (Verdict::Tun | Verdict::Tunnel(_))) => (v, a.to_vec()),
+            Payload::Shared(a) => match self.receive(now, peer, ids, &a) {
+                Ok(v @ (Verdict::Tun | Verdict::Tunnel(_))) => ((v, TunnelIds::UNKNOWN), a.to_vec()),
                 // Taken or dropped: nothing to hand on, no copy.
-                Ok(v) => (v, Vec::new()),
+                Ok(v) => ((v, TunnelIds::UNKNOWN), Vec::new()),
                 Err(h) => {
                     let mut v = a.to_vec();
                     (self.forward(h, &mut v), v)
@@ -370,30 +456,35 @@ impl NodeCore {
             },
         };
         match verdict {
-            Verdict::Tunnel(next) => {
-                self.outputs.push_back(Output::ToTunnel { peer: next, packet: packet.into() })
+            (Verdict::Tunnel(next), ids) => {
+                self.outputs.push_back(Output::ToTunnel { peer: next, packet: packet.into(), ids })
             }
-            Verdict::Tun => self.outputs.push_back(Output::ToTun(packet)),
-            Verdict::Dropped | Verdict::Taken => {}
+            (Verdict::Tun, _) => self.outputs.push_back(Output::ToTun(packet)),
+            (Verdict::Dropped | Verdict::Taken, _) => {}
         }
     }
 
     /// [`NodeCore::from_tun`] without taking the packet: says where it goes
     /// (the hop limit already decremented in place), so that the driver
     /// encrypts it straight from its read buffer.
-    pub fn route_from_tun(&mut self, _now: Instant, packet: &mut [u8]) -> Verdict {
+    pub fn route_from_tun(&mut self, now: Instant, packet: &mut [u8]) -> Verdict {
+        self.tun_verdict(now, packet).0
+    }
+
+    /// [`NodeCore::route_from_tun`], with the tunnel's ids.
+    fn tun_verdict(&mut self, _now: Instant, packet: &mut [u8]) -> (Verdict, TunnelIds) {
         let h = match packet::parse_ipv6(packet) {
             Ok(h) => h,
             Err(_) => {
                 self.drops.not_ipv6 += 1;
-                return Verdict::Dropped;
+                return (Verdict::Dropped, TunnelIds::UNKNOWN);
             }
         };
         if self.cfg.prefix.contains(&h.dst) {
             // Our own prefix is the kernel's business: sending it back to the
             // TUN would loop.
             self.drops.no_route += 1;
-            return Verdict::Dropped;
+            return (Verdict::Dropped, TunnelIds::UNKNOWN);
         }
         self.forward(h, packet)
     }
@@ -403,23 +494,33 @@ impl NodeCore {
     /// against what `peer` may send from, then goes to the TUN or, hop limit
     /// decremented in place, to another tunnel.
     pub fn route_from_tunnel(&mut self, now: Instant, peer: PeerId, packet: &mut [u8]) -> Verdict {
-        match self.receive(now, peer, packet) {
+        match self.receive(now, peer, TunnelIds::UNKNOWN, packet) {
             Ok(v) => v,
-            Err(h) => self.forward(h, packet),
+            Err(h) => self.forward(h, packet).0,
         }
     }
 
     /// [`NodeCore::route_from_tunnel`] short of changing the packet: its
-    /// verdict, or its header if it is data to forward.
-    fn receive(&mut self, now: Instant, peer: PeerId, packet: &[u8]) -> Result<Verdict, Ipv6Header> {
-        let Some(t) = self.tunnels.get_mut(&peer) else {
+    /// verdict, or its header if it is data to forward. `ids`: the
+    /// sender's, if it gave them.
+    fn receive(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        ids: TunnelIds,
+        packet: &[u8],
+    ) -> Result<Verdict, Ipv6Header> {
+        let Some(t) = self.tunnels.find_mut(&peer, ids.remote) else {
             self.drops.no_tunnel += 1;
             return Ok(Verdict::Dropped);
         };
         t.counters.rx_packets += 1;
         t.counters.rx_bytes += packet.len() as u64;
         t.last_rx = now;
-        let id = t.id;
+        if ids.local != TunnelId::MAX {
+            t.remote = ids.local;
+        }
+        let (id, fixed) = (t.id, t.fixed);
         let h = match packet::parse_ipv6(packet) {
             Ok(h) => h,
             Err(_) => {
@@ -454,7 +555,6 @@ impl NodeCore {
         }
         // Data: the peer may only send from its own prefix and from what it
         // advertises to us in Babel (WireGuard's allowed-IPs, fed by Babel).
-        let fixed = self.tunnels.get(&peer).is_some_and(|t| t.fixed);
         let allowed = peer.contains(&h.src) || (!fixed && self.router.advertises(id, h.src));
         if !allowed || !self.cfg.network.contains(&h.src) {
             tracing::debug!(%peer, src = %h.src, dst = %h.dst, "dropped: source not allowed from this peer");
@@ -467,52 +567,66 @@ impl NodeCore {
         Err(h)
     }
 
-    fn forward(&mut self, h: Ipv6Header, packet: &mut [u8]) -> Verdict {
+    /// Where data goes next, and the tunnel's ids if into a tunnel.
+    fn forward(&mut self, h: Ipv6Header, packet: &mut [u8]) -> (Verdict, TunnelIds) {
+        let dropped = (Verdict::Dropped, TunnelIds::UNKNOWN);
         if !self.cfg.network.contains(&h.dst) {
             self.drops.no_route += 1;
-            return Verdict::Dropped;
+            return dropped;
         }
         let Some(peer) = self.fib.lookup(h.dst).copied() else {
             self.drops.no_route += 1;
-            return Verdict::Dropped;
+            return dropped;
         };
         if !packet::decrement_hop_limit(packet) {
             self.drops.hop_limit += 1;
-            return Verdict::Dropped;
+            return dropped;
         }
-        if self.count_tx(peer, packet.len()) { Verdict::Tunnel(peer) } else { Verdict::Dropped }
+        match self.count_tx(peer, packet.len()) {
+            Some(ids) => (Verdict::Tunnel(peer), ids),
+            None => dropped,
+        }
     }
 
-    /// Counts a packet going into the tunnel to `peer`; false (and counted
-    /// as a drop) when there is no such tunnel.
-    fn count_tx(&mut self, peer: PeerId, len: usize) -> bool {
-        let Some(t) = self.tunnels.get_mut(&peer) else {
+    /// Counts a packet going into the tunnel to `peer`: its ids, or `None`
+    /// (and counted as a drop) when there is no such tunnel.
+    fn count_tx(&mut self, peer: PeerId, len: usize) -> Option<TunnelIds> {
+        let Some(id) = self.tunnels.index.get(&peer).copied() else {
             self.drops.no_tunnel += 1;
-            return false;
+            return None;
+        };
+        self.count_tx_at(id, len).map(|(_, ids)| ids)
+    }
+
+    /// [`NodeCore::count_tx`] for tunnel `id`: its peer too.
+    fn count_tx_at(&mut self, id: TunnelId, len: usize) -> Option<(PeerId, TunnelIds)> {
+        let Some((peer, t)) = self.tunnels.at_mut(id) else {
+            self.drops.no_tunnel += 1;
+            return None;
         };
         t.counters.tx_packets += 1;
         t.counters.tx_bytes += len as u64;
-        true
+        Some((peer, t.ids()))
     }
 
-    fn send(&mut self, peer: PeerId, packet: Payload) {
-        if self.count_tx(peer, packet.len()) {
-            self.outputs.push_back(Output::ToTunnel { peer, packet });
+    /// Sends `packet` into tunnel `id`.
+    fn send_at(&mut self, id: TunnelId, packet: Payload) {
+        if let Some((peer, ids)) = self.count_tx_at(id, packet.len()) {
+            self.outputs.push_back(Output::ToTunnel { peer, packet, ids });
         }
     }
 
     /// Sends a gossip message to a tunnel neighbour (a Babel peer).
     pub fn send_gossip(&mut self, peer: PeerId, payload: &[u8]) {
-        if self.tunnels.get(&peer).is_none_or(|t| t.fixed) {
-            return;
-        }
+        let Some(t) = self.tunnels.get(&peer).filter(|t| !t.fixed) else { return };
+        let id = t.id;
         let p = packet::build_udp(self.ll, tunnel_link_local(&peer), GOSSIP_PORT, 1, payload);
-        self.send(peer, p.into());
+        self.send_at(id, p.into());
     }
 
     /// Tunnel neighbours that speak Babel (and gossip), by prefix.
     pub fn babel_peers(&self) -> impl Iterator<Item = PeerId> + '_ {
-        let mut all: Vec<PeerId> = self.tunnels.iter().filter(|(_, t)| !t.fixed).map(|(p, _)| *p).collect();
+        let mut all: Vec<PeerId> = self.tunnels.iter().filter(|(_, t)| !t.fixed).map(|(p, _)| p).collect();
         all.sort_unstable();
         all.into_iter()
     }
@@ -536,7 +650,6 @@ impl NodeCore {
         self.draining.retain(|(t, ..)| *t > now);
         for (peer, reason) in due {
             if let Some(t) = self.tunnels.remove(&peer) {
-                self.free_id(t.id);
                 self.router.remove_interface(now, t.id);
             }
             // Should the manager have chosen this peer again meanwhile, it
@@ -576,7 +689,7 @@ impl NodeCore {
             .tunnels
             .iter()
             .filter(|(_, t)| !t.fixed && now.saturating_duration_since(t.last_rx) > limit)
-            .map(|(p, _)| *p)
+            .map(|(p, _)| p)
             .collect();
         dead.sort_unstable();
         for peer in dead {
@@ -642,7 +755,6 @@ impl NodeCore {
                         continue;
                     }
                     let t = self.tunnels.remove(peer).expect("present");
-                    self.free_id(t.id);
                     self.router.remove_interface(now, t.id);
                 }
                 self.events.push_back(NodeEvent::Manager(a));
@@ -653,7 +765,9 @@ impl NodeCore {
             }
             while let Some(t) = self.router.poll_transmit() {
                 busy = true;
-                let Some(peer) = self.peer_of(t.iface) else { continue };
+                if self.tunnels.at(t.iface).is_none() {
+                    continue;
+                }
                 let dst = match t.dst {
                     Destination::Multicast => BABEL_GROUP,
                     Destination::Unicast(a) => a,
@@ -672,7 +786,7 @@ impl NodeCore {
                         })
                     }
                 };
-                self.send(peer, p);
+                self.send_at(t.iface, p);
             }
             if !busy {
                 return;
@@ -683,7 +797,7 @@ impl NodeCore {
     fn apply_router_event(&mut self, e: Event) {
         match e {
             Event::Selected { prefix, src: None, iface, metric, .. } => {
-                if let Some(peer) = self.peer_of(iface) {
+                if let Some((peer, _)) = self.tunnels.at(iface) {
                     self.set_route(prefix, Some(peer));
                     self.events.push_back(NodeEvent::Route { prefix, via: Some(peer), metric });
                 }
@@ -745,7 +859,7 @@ mod tests {
         c.tunnel_down(now, peer(4));
         c.tunnel_up(now, peer(6));
         assert_eq!(ids(&c), [1, 3, 4]);
-        assert!(c.by_id.len() <= 5, "{:?}", c.by_id);
+        assert!(c.tunnels.slots.len() <= 5, "{:?}", c.tunnels.slots);
     }
 
     /// A periodic full update goes out on every tunnel as one packet whose
@@ -768,7 +882,7 @@ mod tests {
             now = c.poll_timeout().min(later);
             c.handle_timeout(now);
             while let Some(o) = c.poll_output() {
-                if let Output::ToTunnel { peer, packet: Payload::Shared(p) } = o {
+                if let Output::ToTunnel { peer, packet: Payload::Shared(p), .. } = o {
                     shared.push((peer, p));
                 }
             }
@@ -808,7 +922,7 @@ mod tests {
         c.from_tunnel(later, peer(1), Payload::Shared(data.clone()));
         let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
         let fwd = out.iter().find_map(|o| match o {
-            Output::ToTunnel { peer: p, packet } if *p == peer(2) => Some(packet.to_vec()),
+            Output::ToTunnel { peer: p, packet, .. } if *p == peer(2) => Some(packet.to_vec()),
             _ => None,
         });
         let fwd = fwd.unwrap_or_else(|| panic!("forwarded: {out:?} {:?}", c.drops()));
@@ -865,6 +979,84 @@ mod tests {
         assert_ne!(other.as_ptr(), ptr);
         let h = packet::parse_ipv6(&next).expect("IPv6");
         assert!(packet::udp_checksum_ok(&next, &h) && packet::udp_payload(&next, &h, BABEL_PORT).is_some());
+    }
+
+    /// The first Babel packet of its own a node sends, once `now` passes
+    /// its timers: (packet, ids, when).
+    fn next_own_packet(c: &mut NodeCore, after: Instant) -> (Vec<u8>, PeerId, TunnelIds, Instant) {
+        loop {
+            let now = c.poll_timeout();
+            c.handle_timeout(now);
+            if let Some(found) = std::iter::from_fn(|| c.poll_output()).find_map(|o| match o {
+                Output::ToTunnel { peer, packet: Payload::Own(p), ids } => Some((p, peer, ids, now)),
+                _ => None,
+            }) {
+                return found;
+            }
+            assert!(now < after + Duration::from_secs(5), "a Hello within 5 s");
+        }
+    }
+
+    /// Packets carry the tunnel's ids at both ends (WireGuard's indices):
+    /// a node notes the far end's id from what it receives and puts it in
+    /// what it sends back; a wrong or unknown id only costs a lookup by
+    /// peer, never the wrong tunnel.
+    #[test]
+    fn tunnel_ids_travel_both_ways_and_a_wrong_one_is_harmless() {
+        let t0 = Instant::now();
+        let mut c = core(t0);
+        let peers: Vec<Ipv6Net> = (1..=3).map(|i| format!("fd5e:77:0:{i:x}::/64").parse().unwrap()).collect();
+        for p in &peers {
+            c.tunnel_up(t0, *p);
+        }
+        // Nothing heard yet: the far ids are unknown.
+        let (_, peer, ids, _) = next_own_packet(&mut c, t0);
+        let k = peers.iter().position(|p| *p == peer).expect("one of ours") as TunnelId + 1;
+        assert_eq!(ids, TunnelIds { local: k, remote: TunnelId::MAX });
+        while c.poll_output().is_some() {}
+
+        // The third peer's node, whose id for this tunnel is 7 (say), sends
+        // a Hello giving the first peer's tunnel id as ours.
+        let mut f = NodeCore::new(
+            NodeConfig::new(peers[2], "fd5e:77::/48".parse().unwrap(), RouterId([2, 0, 0, 0, 0, 0, 0, 3]), 0),
+            t0,
+        );
+        f.tunnel_up(t0, "fd5e:77::/64".parse().unwrap());
+        let (hello, _, _, now) = next_own_packet(&mut f, t0);
+        let rx =
+            |c: &NodeCore, p: &PeerId| c.tunnel_counters().find(|(q, _)| q == p).map(|(_, n)| n.rx_packets);
+        c.from_tunnel_with(now, peers[2], TunnelIds { local: 7, remote: 1 }, hello.clone());
+        assert_eq!(
+            (rx(&c, &peers[0]), rx(&c, &peers[2])),
+            (Some(0), Some(1)),
+            "counted on the sender's tunnel"
+        );
+        let heard = c.router().neighbours(now);
+        assert_eq!(heard.iter().map(|n| n.iface).collect::<Vec<_>>(), [3], "heard on its interface");
+        // Right, unknown and out-of-range ids alike.
+        for remote in [3, TunnelId::MAX, 40] {
+            c.from_tunnel_with(now, peers[2], TunnelIds { local: 7, remote }, hello.clone());
+        }
+        assert_eq!((rx(&c, &peers[0]), rx(&c, &peers[2])), (Some(0), Some(4)));
+        // What goes back to it carries its id.
+        while c.poll_output().is_some() {}
+        let back = loop {
+            let (_, peer, ids, at) = next_own_packet(&mut c, now);
+            if peer == peers[2] {
+                break ids;
+            }
+            assert!(at < now + Duration::from_secs(5));
+        };
+        assert_eq!(back, TunnelIds { local: 3, remote: 7 });
+        // A packet from a peer without a tunnel is dropped, whatever its ids.
+        let before = c.drops().no_tunnel;
+        c.from_tunnel_with(
+            now,
+            "fd5e:77:0:9::/64".parse().unwrap(),
+            TunnelIds { local: 1, remote: 3 },
+            hello,
+        );
+        assert_eq!(c.drops().no_tunnel, before + 1);
     }
 
     #[test]

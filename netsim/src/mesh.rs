@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv6Net;
 use sixmesh_mesh_node::manager::{Action, Announcing, ManagerConfig};
-use sixmesh_mesh_node::node::{NodeConfig, NodeCore, NodeEvent, Output};
+use sixmesh_mesh_node::node::{NodeConfig, NodeCore, NodeEvent, Output, TunnelIds};
 use sixmesh_mesh_node::packet;
 use sixmesh_routing::core::{FxMap, Payload, prefetch};
 use sixmesh_routing::wire::RouterId;
@@ -140,8 +140,10 @@ impl MeshConfig {
 enum Ev {
     /// An inner packet arrives at `to` from `from`'s tunnel; `broken`:
     /// the path's [`PathParams::broken`] (the sender looked it up: the
-    /// receiver need not look it up again).
-    Packet { from: NodeId, to: NodeId, broken: bool, packet: Payload },
+    /// receiver need not look it up again); `ids`: the tunnel's, as the
+    /// sender gave them (WireGuard's indices: the receiver finds its tunnel
+    /// by them).
+    Packet { from: NodeId, to: NodeId, broken: bool, ids: TunnelIds, packet: Payload },
     /// A handshake from `from` reaches `to`.
     Handshake { from: NodeId, to: NodeId },
     /// The handshake answer reaches `from`.
@@ -412,7 +414,7 @@ impl Ctx<'_> {
         let node = &mut nodes[i - lo];
         while let Some(o) = node.core.poll_output() {
             match o {
-                Output::ToTunnel { peer, packet } => {
+                Output::ToTunnel { peer, packet, ids } => {
                     let Some(j) = node_in(&peer, self.alive.len()) else { continue };
                     part.stats.packets += 1;
                     part.stats.bytes += packet.len() as u64;
@@ -426,7 +428,7 @@ impl Ctx<'_> {
                     let p = self.cached_path(node, i, j);
                     match self.transit_on(node, i, j, &p, wire, now) {
                         Some(at) => {
-                            let ev = Ev::Packet { from: i, to: j, broken: p.broken, packet };
+                            let ev = Ev::Packet { from: i, to: j, broken: p.broken, ids, packet };
                             self.push(part, me, node, i, at, ev)
                         }
                         None => part.stats.lost += 1,
@@ -470,7 +472,7 @@ impl Ctx<'_> {
 
     fn deliver(&self, nodes: &mut [Node], lo: usize, me: usize, part: &mut Part, ev: Ev, now: Instant) {
         match ev {
-            Ev::Packet { from, to, broken, packet } => {
+            Ev::Packet { from, to, broken, ids, packet } => {
                 let node = &mut nodes[to - lo];
                 if !self.up_with(from, to, broken) {
                     part.stats.lost += 1;
@@ -479,7 +481,7 @@ impl Ctx<'_> {
                 if is_control(&packet) {
                     node.traffic.control_rx_bytes += packet.len() as u64 + WIRE_OVERHEAD;
                 }
-                node.core.from_tunnel(now, node_prefix(from), packet);
+                node.core.from_tunnel_with(now, node_prefix(from), ids, packet);
                 self.after(nodes, lo, me, part, to, now);
             }
             Ev::Handshake { from, to } => {
