@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv6Net;
 use sixmesh_mesh_node::manager::{Action, Announcing, ManagerConfig};
-use sixmesh_mesh_node::node::{NodeConfig, NodeCore, NodeEvent, Output, TunnelIds};
+use sixmesh_mesh_node::node::{NodeConfig, NodeCore, NodeEvent, Output, TunnelId, TunnelIds};
 use sixmesh_mesh_node::packet;
 use sixmesh_routing::core::{FxMap, Payload, prefetch};
 use sixmesh_routing::wire::RouterId;
@@ -223,6 +223,10 @@ struct Node {
     /// path function hashes and converts on every call: three calls per
     /// packet were a few per cent of a Hello's cost).
     paths: FxMap<NodeId, PathParams>,
+    /// The same by the node's tunnel id (what it sends says which tunnel:
+    /// an index, not a hash lookup per packet), with the peer it was for
+    /// (ids are reused).
+    by_tunnel: Vec<Option<(NodeId, PathParams)>>,
 }
 
 /// A share of the nodes (a contiguous range) and their pending events,
@@ -337,6 +341,25 @@ impl Ctx<'_> {
         *node.paths.entry(peer).or_insert_with(|| self.path(me, peer))
     }
 
+    /// [`Ctx::cached_path`] for what the node sends into its tunnel `id`.
+    fn tunnel_path(&self, node: &mut Node, me: NodeId, peer: NodeId, id: TunnelId) -> PathParams {
+        let k = id as usize;
+        if let Some(Some((q, p))) = node.by_tunnel.get(k)
+            && *q == peer
+        {
+            return *p;
+        }
+        let p = self.cached_path(node, me, peer);
+        // Ids are small (the lowest free one is taken).
+        if k < 1024 {
+            if node.by_tunnel.len() <= k {
+                node.by_tunnel.resize(k + 1, None);
+            }
+            node.by_tunnel[k] = Some((peer, p));
+        }
+        p
+    }
+
     /// [`Ctx::path_up`] for a path whose parameters say `broken`.
     fn up_with(&self, a: NodeId, b: NodeId, broken: bool) -> bool {
         if !(self.alive[a] && self.alive[b]) {
@@ -425,7 +448,7 @@ impl Ctx<'_> {
                     } else {
                         node.traffic.data_tx_bytes += wire;
                     }
-                    let p = self.cached_path(node, i, j);
+                    let p = self.tunnel_path(node, i, j, ids.local);
                     match self.transit_on(node, i, j, &p, wire, now) {
                         Some(at) => {
                             let ev = Ev::Packet { from: i, to: j, broken: p.broken, ids, packet };
@@ -766,6 +789,7 @@ impl MeshSim {
                 rng,
                 sent: 0,
                 paths: FxMap::default(),
+                by_tunnel: Vec::new(),
             });
         }
         for i in 0..n {
@@ -1341,6 +1365,26 @@ mod tests {
         let data = packet::build_udp(mesh_address(1), mesh_address(2), 7, 64, b"x");
         assert!(is_control(&babel));
         assert!(!is_control(&data));
+    }
+
+    /// The path of what a node sends into a tunnel, cached by the tunnel's
+    /// id, is that peer's path, also once the id is another peer's.
+    #[test]
+    fn paths_by_tunnel_id_follow_the_peer() {
+        let paths =
+            |a: NodeId, b: NodeId| PathParams::latency(Duration::from_micros(100 * (a * 10 + b) as u64 + 1));
+        let mut sim = MeshSim::with_config(MeshConfig::new(4, ManagerConfig::default()), paths, 1);
+        let expected: Vec<PathParams> = (1..4).map(|j| sim.path(0, j)).collect();
+        let ctx = ctx!(sim);
+        let node = &mut sim.nodes[0];
+        assert_eq!(ctx.tunnel_path(node, 0, 1, 1), expected[0]);
+        assert_eq!(ctx.tunnel_path(node, 0, 1, 1), expected[0], "cached");
+        // Tunnel 1 now goes to node 2; tunnel 3 to node 1; a huge id too.
+        assert_eq!(ctx.tunnel_path(node, 0, 2, 1), expected[1]);
+        assert_eq!(ctx.tunnel_path(node, 0, 1, 3), expected[0]);
+        assert_eq!(ctx.tunnel_path(node, 0, 3, u32::MAX), expected[2]);
+        assert_eq!(ctx.tunnel_path(node, 0, 2, 1), expected[1]);
+        assert!(node.by_tunnel.len() <= 4);
     }
 
     /// The shared searches give what one search per source gives: with
