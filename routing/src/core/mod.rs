@@ -11,6 +11,7 @@
 mod fxhash;
 mod idmap;
 mod repeats;
+mod routetable;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -53,6 +54,7 @@ use ipnet::{IpNet, Ipv6Net};
 pub use self::fxhash::{FxBuildHasher, FxHasher, FxMap};
 use self::idmap::IdMap;
 use self::repeats::Repeats;
+use self::routetable::RouteTable;
 use self::tables::{Expiry, Installed, Neighbour, RouteEntry, Slot, Source, Ticks};
 pub use self::tables::{NeighbourInfo, RouteInfo, seqno_newer};
 use crate::wire::{self, INFINITY, Message, PacketBuilder, RequestTarget, RouterId};
@@ -473,7 +475,7 @@ pub struct Router {
     /// By id: the lowest free one is taken, so that they stay small.
     neighbours: IdMap<Neighbour>,
     by_addr: FxMap<(IfaceId, Ipv6Addr), u32>,
-    routes: FxMap<RouteKey, Slot>,
+    routes: RouteTable,
     route_ids: FxMap<RouteKey, u32>,
     route_keys: FxMap<u32, RouteKey>,
     xroutes: BTreeSet<RouteKey>,
@@ -567,7 +569,7 @@ impl Router {
             ifaces: IdMap::default(),
             neighbours: IdMap::default(),
             by_addr: FxMap::default(),
-            routes: FxMap::default(),
+            routes: RouteTable::default(),
             route_ids: FxMap::default(),
             route_keys: FxMap::default(),
             xroutes: BTreeSet::new(),
@@ -957,11 +959,20 @@ impl Router {
     /// neighbour's entry): in this short loop the slots' misses overlap more,
     /// and the entries' do not stall at all (a prefetch is not waited for).
     /// Nothing is changed.
-    fn warm<'a>(&self, nbr: u32, messages: impl IntoIterator<Item = &'a Message>) {
-        for m in messages {
-            let Message::Update { prefix: Some(IpNet::V6(prefix)), src, .. } = m else { continue };
-            let Some(src) = v6_src(*src) else { continue };
-            if let Some(slot) = self.routes.get(&(*prefix, src)) {
+    fn warm<'a, I>(&self, nbr: u32, messages: I)
+    where
+        I: IntoIterator<Item = &'a Message>,
+        I::IntoIter: Clone,
+    {
+        let keys = messages.into_iter().filter_map(|m| match m {
+            Message::Update { prefix: Some(IpNet::V6(prefix)), src, .. } => Some((*prefix, v6_src(*src)?)),
+            _ => None,
+        });
+        // The slots' buckets all at once (their places follow from the
+        // keys), then the entries in them.
+        keys.clone().for_each(|k| self.routes.prefetch(&k));
+        for k in keys {
+            if let Some(slot) = self.routes.get(&k) {
                 slot.prefetch_for(nbr);
             }
         }
@@ -1479,10 +1490,7 @@ impl Router {
         // A new destination's entries, one per neighbour, fill in together
         // (a new tunnel or a cold start): room for them all at once.
         let room = self.neighbours.len();
-        let (slot, added) = match self.routes.entry(key) {
-            std::collections::hash_map::Entry::Occupied(o) => (o.into_mut(), false),
-            std::collections::hash_map::Entry::Vacant(v) => (v.insert(Slot::with_room(room)), true),
-        };
+        let (slot, added) = self.routes.get_or_insert_with(key, || Slot::with_room(room));
         let was_selected_here = slot.selected().and_then(|i| slot.nbr_at(i)) == Some(nbr);
         let old_next_hop = slot.next_hop(nbr, from);
         let changed = match slot.position(nbr) {

@@ -339,7 +339,7 @@ impl Installed {
 const INLINE_NBRS: usize = 24;
 
 /// All neighbours' routes to one destination, and which one is selected.
-/// A router holds one per destination, in its hash table's buckets: what
+/// A router holds one per destination, in its route table's buckets: what
 /// every update received reads (the entries, the neighbour ids, the
 /// selection) is kept together, and what few destinations need is boxed
 /// (144 bytes, from 224: a bucket spans three cache lines, not four).
