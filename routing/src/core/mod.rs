@@ -964,10 +964,7 @@ impl Router {
         I: IntoIterator<Item = &'a Message>,
         I::IntoIter: Clone,
     {
-        let keys = messages.into_iter().filter_map(|m| match m {
-            Message::Update { prefix: Some(IpNet::V6(prefix)), src, .. } => Some((*prefix, v6_src(*src)?)),
-            _ => None,
-        });
+        let keys = messages.into_iter().filter_map(update_key);
         // The slots' buckets all at once (their places follow from the
         // keys), then the entries in them.
         keys.clone().for_each(|k| self.routes.prefetch(&k));
@@ -2384,6 +2381,14 @@ fn triggered_update(before: Option<&Installed>, after: &Installed) -> Option<Urg
         None
     } else {
         Some(Urgency::Normal)
+    }
+}
+
+/// The route key of an update for an IPv6 prefix.
+fn update_key(m: &Message) -> Option<RouteKey> {
+    match m {
+        Message::Update { prefix: Some(IpNet::V6(prefix)), src, .. } => Some((*prefix, v6_src(*src)?)),
+        _ => None,
     }
 }
 

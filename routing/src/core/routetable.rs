@@ -67,8 +67,8 @@ impl RouteTable {
 
     /// The slot of `key`, made by `make` if there was none (then `true`).
     pub fn get_or_insert_with(&mut self, key: RouteKey, make: impl FnOnce() -> Slot) -> (&mut Slot, bool) {
-        let added = match self.find(&key) {
-            Some(_) => false,
+        let (i, added) = match self.find(&key) {
+            Some(i) => (i, false),
             None => {
                 if (self.len + 1) * 2 > self.buckets.len() {
                     self.grow();
@@ -79,10 +79,9 @@ impl RouteTable {
                 }
                 self.buckets[i] = Some((key, make()));
                 self.len += 1;
-                true
+                (i, true)
             }
         };
-        let i = self.find(&key).expect("just found or inserted");
         (&mut self.buckets[i].as_mut().expect("occupied").1, added)
     }
 
