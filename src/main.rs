@@ -25,7 +25,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// transparent huge pages (1,000 nodes, 240 virtual s on one thread: 94,000
 /// page faults and 6 % more time than with 1,400). Not for the daemons, whose
 /// footprint is small and should shrink after a peak.
-pub fn keep_freed_memory() {
+fn keep_freed_memory() {
     /// `mi_option_purge_delay` in mimalloc.h (the same in versions 2 and 3):
     /// milliseconds before freed memory is given back, -1 for never.
     const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;

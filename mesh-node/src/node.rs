@@ -198,8 +198,12 @@ impl Tunnels {
         self.index.contains_key(peer)
     }
 
+    fn id(&self, peer: &PeerId) -> Option<TunnelId> {
+        self.index.get(peer).copied()
+    }
+
     fn get(&self, peer: &PeerId) -> Option<&Tunnel> {
-        let id = *self.index.get(peer)?;
+        let id = self.id(peer)?;
         self.slots[id as usize].as_ref().map(|(_, t)| t)
     }
 
@@ -207,7 +211,7 @@ impl Tunnels {
     fn find_mut(&mut self, peer: &PeerId, id: TunnelId) -> Option<&mut Tunnel> {
         let at = match self.slots.get(id as usize) {
             Some(Some((p, _))) if p == peer => id,
-            _ => *self.index.get(peer)?,
+            _ => self.id(peer)?,
         };
         self.slots[at as usize].as_mut().map(|(_, t)| t)
     }
@@ -347,11 +351,6 @@ impl NodeCore {
         self.pump(now);
     }
 
-    /// Records a new tunnel; the peer may send from its own prefix at once.
-    fn add_tunnel(&mut self, now: Instant, peer: PeerId, fixed: bool) -> TunnelId {
-        self.tunnels.insert(now, peer, fixed)
-    }
-
     /// A tunnel to `peer` is established (both directions work): Babel
     /// starts speaking in it.
     pub fn tunnel_up(&mut self, now: Instant, peer: PeerId) {
@@ -359,7 +358,7 @@ impl NodeCore {
             self.manager.tunnel_up(now, peer);
             return;
         }
-        let id = self.add_tunnel(now, peer, false);
+        let id = self.tunnels.insert(now, peer, false);
         let mut ic = InterfaceConfig::new(LinkKind::Tunnel, self.ll);
         ic.hello_interval = self.cfg.hello_interval;
         ic.update_interval = self.cfg.update_interval;
@@ -379,7 +378,8 @@ impl NodeCore {
         if self.tunnels.contains(&peer) {
             return;
         }
-        self.add_tunnel(now, peer, true);
+        // The peer may send from its own prefix at once.
+        self.tunnels.insert(now, peer, true);
         self.set_route(peer, Some(peer));
         self.events.push_back(NodeEvent::Route { prefix: peer, via: Some(peer), metric: 0 });
         // We are the mesh's gateway to it.
@@ -591,7 +591,7 @@ impl NodeCore {
     /// Counts a packet going into the tunnel to `peer`: its ids, or `None`
     /// (and counted as a drop) when there is no such tunnel.
     fn count_tx(&mut self, peer: PeerId, len: usize) -> Option<TunnelIds> {
-        let Some(id) = self.tunnels.index.get(&peer).copied() else {
+        let Some(id) = self.tunnels.id(&peer) else {
             self.drops.no_tunnel += 1;
             return None;
         };

@@ -805,7 +805,6 @@ impl Router {
                 }
             }
         }
-        decoded.messages.clear();
         scratch::put(decoded);
         self.cost_cache = None;
         self.expiry_cache = None;
