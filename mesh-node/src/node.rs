@@ -164,6 +164,8 @@ struct Tunnel {
     id: TunnelId,
     /// The far end's id of this tunnel, as it last said ([`TunnelIds`]).
     remote: TunnelId,
+    /// The router's [`Router::link_hint`] for this tunnel.
+    link_hint: u32,
     /// A peer that does not speak Babel (e.g. a plain WireGuard peer): a
     /// fixed route to its prefix, no Babel, never closed for silence.
     fixed: bool,
@@ -232,8 +234,14 @@ impl Tunnels {
             self.slots.push(None);
         }
         let id = id as TunnelId;
-        let t =
-            Tunnel { id, remote: TunnelId::MAX, fixed, counters: TunnelCounters::default(), last_rx: now };
+        let t = Tunnel {
+            id,
+            remote: TunnelId::MAX,
+            link_hint: u32::MAX,
+            fixed,
+            counters: TunnelCounters::default(),
+            last_rx: now,
+        };
         self.slots[id as usize] = Some((peer, t));
         self.index.insert(peer, id);
         id
@@ -521,6 +529,9 @@ impl NodeCore {
             t.remote = ids.local;
         }
         let (id, fixed) = (t.id, t.fixed);
+        // The router's state for this tunnel loads while the packet is
+        // parsed and its checksum summed.
+        self.router.prefetch_link(id, t.link_hint);
         let h = match packet::parse_ipv6(packet) {
             Ok(h) => h,
             Err(_) => {
@@ -546,6 +557,10 @@ impl NodeCore {
                     && packet::udp_checksum_ok(packet, &h)
                 {
                     self.router.handle_packet(now, id, h.src, payload);
+                    let hint = self.router.link_hint(id);
+                    if let Some((_, t)) = self.tunnels.at_mut(id) {
+                        t.link_hint = hint;
+                    }
                     self.pump(now);
                     return Ok(Verdict::Taken);
                 }
@@ -1033,6 +1048,9 @@ mod tests {
         );
         let heard = c.router().neighbours(now);
         assert_eq!(heard.iter().map(|n| n.iface).collect::<Vec<_>>(), [3], "heard on its interface");
+        // The tunnel keeps the router's hint for its next packets.
+        let hint = c.tunnels.at(3).map(|(_, t)| t.link_hint);
+        assert!(hint.is_some_and(|h| h != u32::MAX) && hint == Some(c.router().link_hint(3)));
         // Right, unknown and out-of-range ids alike.
         for remote in [3, TunnelId::MAX, 40] {
             c.from_tunnel_with(now, peers[2], TunnelIds { local: 7, remote }, hello.clone());

@@ -42,6 +42,19 @@ impl<V> IdMap<V> {
         }
     }
 
+    /// Starts loading `id`'s value, if it is stored in place (no waiting,
+    /// nothing read).
+    pub fn prefetch(&self, id: u32) {
+        if (id as usize) < self.direct.len() {
+            let p = self.direct.as_ptr().wrapping_add(id as usize).cast::<u8>();
+            let mut off = 0;
+            while off < size_of::<Option<V>>() {
+                super::prefetch(p.wrapping_add(off));
+                off += 64;
+            }
+        }
+    }
+
     pub fn contains_key(&self, id: &u32) -> bool {
         self.get(id).is_some()
     }

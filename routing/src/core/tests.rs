@@ -1311,3 +1311,29 @@ fn an_emptied_transmit_queue_gives_its_room_back() {
     assert_eq!(sent, 2000);
     assert!(r.transmits.capacity() <= 256, "{}", r.transmits.capacity());
 }
+
+/// A link hint names the neighbour heard on the interface (none before
+/// one is, nor for an unknown interface); prefetching with any hint,
+/// stale or out of range, changes nothing.
+#[test]
+fn link_hints_name_the_interfaces_neighbour() {
+    let now = Instant::now();
+    let fresh = router(now);
+    assert_eq!(fresh.link_hint(0), u32::MAX, "nobody heard yet");
+    let r = three_neighbours(now);
+    let hints: Vec<u32> = (0..3).map(|i| r.link_hint(i)).collect();
+    let mut ids: Vec<u32> = r.neighbours.iter().map(|(id, _)| id).collect();
+    ids.sort_unstable();
+    let mut sorted = hints.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, ids, "one neighbour per interface: {hints:?}");
+    for (i, h) in hints.iter().enumerate() {
+        assert_eq!(r.neighbours.get(h).map(|n| n.iface), Some(i as IfaceId));
+    }
+    assert_eq!(r.link_hint(9), u32::MAX, "unknown interface");
+    let before = (r.neighbours(now), r.routes());
+    for (iface, hint) in [(0, hints[0]), (1, hints[0]), (9, 7), (70_000, u32::MAX), (2, 1 << 30)] {
+        r.prefetch_link(iface, hint);
+    }
+    assert_eq!((r.neighbours(now), r.routes()), before);
+}
