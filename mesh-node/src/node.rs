@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv6Net;
 use sixmesh_routing::BABEL_PORT;
 use sixmesh_routing::core::{
-    Destination, Event, FxMap, InterfaceConfig, LinkKind, Payload, Router, RttConfig,
+    Destination, Event, FxMap, InterfaceConfig, LinkKind, Payload, Router, RttConfig, prefetch,
 };
 use sixmesh_routing::wire::RouterId;
 
@@ -269,6 +269,17 @@ pub struct NodeCore {
     ll: Ipv6Addr,
     router: Router,
     manager: TunnelManager,
+    /// Whether the manager may have changed since [`NodeCore::pump`] last
+    /// took its actions and noted when it is due: every call that can
+    /// change it goes through [`NodeCore::mgr`], which sets this. A Hello
+    /// timer or packet then costs no look at the manager (a cache miss of
+    /// its own: a few per cent of a large simulation).
+    manager_touched: bool,
+    /// When the manager is due, as of the last pump (only while untouched).
+    manager_due: Instant,
+    /// Whether the route counts or the manager's tunnels changed since they
+    /// were last handed to the manager.
+    counts_stale: bool,
     fib: Fib<PeerId>,
     /// How many destinations Babel routes through each peer (kept with the
     /// FIB; the tunnel manager's refresh drops the tunnel carrying fewest).
@@ -307,7 +318,10 @@ impl NodeCore {
             ll: tunnel_link_local(&cfg.prefix),
             cfg,
             router,
+            manager_due: manager.poll_timeout(),
             manager,
+            manager_touched: true,
+            counts_stale: true,
             fib: Fib::new(),
             route_counts: BTreeMap::new(),
             tunnels: Tunnels::new(),
@@ -329,9 +343,36 @@ impl NodeCore {
         &self.router
     }
 
+    /// Starts loading the node's own state that every packet and timer
+    /// reads (the router's fields, the tunnel slots' handle, the queues),
+    /// for a driver that knows which node comes next: in a simulation of
+    /// many nodes each one's state is cold, and its fields are read one
+    /// after the other. Changes nothing.
+    pub fn prefetch(&self) {
+        self.router.prefetch();
+        prefetch(&self.tunnels);
+        prefetch(&self.outputs);
+        prefetch(&self.events);
+        prefetch(&self.draining);
+        prefetch(&self.next_housekeeping);
+        prefetch(&self.manager_touched);
+    }
+
     /// The tunnel manager (to feed it candidates, read its tunnels).
     pub fn manager(&mut self) -> &mut TunnelManager {
+        self.mgr()
+    }
+
+    /// The manager, to call what may change it (see `manager_touched`).
+    fn mgr(&mut self) -> &mut TunnelManager {
+        self.manager_touched = true;
+        self.counts_stale = true;
         &mut self.manager
+    }
+
+    /// When the manager is due.
+    fn manager_due(&self) -> Instant {
+        if self.manager_touched { self.manager.poll_timeout() } else { self.manager_due }
     }
 
     /// Drop counters.
@@ -355,7 +396,7 @@ impl NodeCore {
     /// Applies new tunnel-manager parameters at once.
     pub fn set_manager_config(&mut self, now: Instant, cfg: ManagerConfig) {
         self.cfg.manager = cfg.clone();
-        self.manager.set_config(now, cfg);
+        self.mgr().set_config(now, cfg);
         self.pump(now);
     }
 
@@ -363,7 +404,7 @@ impl NodeCore {
     /// starts speaking in it.
     pub fn tunnel_up(&mut self, now: Instant, peer: PeerId) {
         if self.tunnels.contains(&peer) {
-            self.manager.tunnel_up(now, peer);
+            self.mgr().tunnel_up(now, peer);
             return;
         }
         let id = self.tunnels.insert(now, peer, false);
@@ -374,7 +415,7 @@ impl NodeCore {
         // Inner packets carry the Babel datagram plus 48 bytes of headers.
         ic.mtu = 1280 - 48;
         self.router.add_interface(now, id, ic);
-        self.manager.tunnel_up(now, peer);
+        self.mgr().tunnel_up(now, peer);
         self.pump(now);
     }
 
@@ -407,13 +448,13 @@ impl NodeCore {
                 self.router.remove_interface(now, t.id);
             }
         }
-        self.manager.tunnel_down(now, peer);
+        self.mgr().tunnel_down(now, peer);
         self.pump(now);
     }
 
     /// Whether to accept a tunnel that `peer` opens to us.
     pub fn accept_incoming(&mut self, now: Instant, peer: PeerId) -> bool {
-        let ok = self.manager.accept_incoming(now, peer);
+        let ok = self.mgr().accept_incoming(now, peer);
         self.pump(now);
         ok
     }
@@ -648,7 +689,7 @@ impl NodeCore {
 
     /// When [`NodeCore::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Instant {
-        let mut t = self.manager.poll_timeout().min(self.next_housekeeping);
+        let mut t = self.manager_due().min(self.next_housekeeping);
         for (d, ..) in &self.draining {
             t = t.min(*d);
         }
@@ -669,7 +710,7 @@ impl NodeCore {
             }
             // Should the manager have chosen this peer again meanwhile, it
             // learns that the tunnel is gone.
-            self.manager.tunnel_down(now, peer);
+            self.mgr().tunnel_down(now, peer);
             self.events.push_back(NodeEvent::Manager(Action::Disconnect { peer, reason }));
         }
         if now >= self.next_housekeeping {
@@ -678,7 +719,9 @@ impl NodeCore {
             self.next_housekeeping = now + HOUSEKEEPING;
         }
         self.router.handle_timeout(now);
-        self.manager.handle_timeout(now);
+        if now >= self.manager_due() {
+            self.mgr().handle_timeout(now);
+        }
         self.pump(now);
     }
 
@@ -716,7 +759,11 @@ impl NodeCore {
 
     /// Hands the route counts to the tunnel manager.
     fn housekeeping(&mut self) {
-        self.manager.set_route_counts(&self.route_counts);
+        // Handing the same counts to the same tunnels again changes nothing.
+        if self.counts_stale {
+            self.manager.set_route_counts(&self.route_counts);
+            self.counts_stale = false;
+        }
     }
 
     /// Points the FIB entry for `prefix` at `via` (or removes it), keeping
@@ -738,10 +785,11 @@ impl NodeCore {
         if let Some(p) = via {
             *self.route_counts.entry(p).or_default() += 1;
         }
+        self.counts_stale = true;
         if prefix.prefix_len() == self.cfg.prefix.prefix_len() {
             match (old.is_some(), via.is_some()) {
-                (false, true) => self.manager.add_distant(prefix),
-                (true, false) => self.manager.remove_distant(&prefix),
+                (false, true) => self.mgr().add_distant(prefix),
+                (true, false) => self.mgr().remove_distant(&prefix),
                 _ => {}
             }
         }
@@ -754,9 +802,12 @@ impl NodeCore {
         // once for all their tunnels: (datagram, destination, packet).
         type Wrapped = (Arc<[u8]>, Ipv6Addr, Arc<[u8]>);
         let mut wrapped: Vec<Wrapped> = Vec::new();
+        let mut refresh_due = false;
         loop {
             let mut busy = false;
-            while let Some(a) = self.manager.poll_action() {
+            let touched = std::mem::take(&mut self.manager_touched);
+            refresh_due |= touched;
+            while touched && let Some(a) = self.manager.poll_action() {
                 busy = true;
                 if let Action::Disconnect { peer, reason } = &a
                     && let Some(t) = self.tunnels.get(peer)
@@ -803,7 +854,10 @@ impl NodeCore {
                 };
                 self.send_at(t.iface, p);
             }
-            if !busy {
+            if !busy && !self.manager_touched {
+                if refresh_due {
+                    self.manager_due = self.manager.poll_timeout();
+                }
                 return;
             }
         }
@@ -875,6 +929,40 @@ mod tests {
         c.tunnel_up(now, peer(6));
         assert_eq!(ids(&c), [1, 3, 4]);
         assert!(c.tunnels.slots.len() <= 5, "{:?}", c.tunnels.slots);
+    }
+
+    /// The node looks at its tunnel manager only when the manager is due or
+    /// was given something (it keeps the manager's due time while nothing
+    /// changed it): whatever changes the manager, through the node or
+    /// through [`NodeCore::manager`], is seen at once.
+    #[test]
+    fn the_manager_is_asked_as_soon_as_something_changes_it() {
+        let t0 = Instant::now();
+        let mut c = core(t0);
+        let connects = |c: &mut NodeCore| {
+            std::iter::from_fn(|| c.poll_event())
+                .filter(|e| matches!(e, NodeEvent::Manager(Action::Connect { .. })))
+                .count()
+        };
+        c.handle_timeout(t0);
+        connects(&mut c);
+        // Nothing to do: the next check is an interval away.
+        let t1 = t0 + Duration::from_secs(1);
+        c.handle_timeout(t1);
+        let idle = c.poll_timeout();
+        assert!(idle > t1, "{idle:?}");
+        // Candidates and a new configuration given through `manager()`,
+        // with no pump: the node must not sleep on its old due time.
+        let peer: Ipv6Net = "fd5e:77:0:1::/64".parse().unwrap();
+        c.manager().add_candidates([(peer, vec!["192.0.2.1:326".parse().unwrap()])]);
+        let cfg = c.cfg.manager.clone();
+        c.manager().set_config(t1, cfg);
+        assert!(c.poll_timeout() <= t1, "{:?}", c.poll_timeout());
+        c.handle_timeout(t1);
+        assert_eq!(connects(&mut c), 1, "the manager asks for a tunnel to the candidate");
+        // Done: back to a due time in the future, kept by the node.
+        assert!(c.poll_timeout() > t1);
+        assert_eq!(c.poll_timeout(), c.manager.poll_timeout().min(c.poll_timeout()));
     }
 
     /// A periodic full update goes out on every tunnel as one packet whose
