@@ -248,6 +248,15 @@ struct Part {
     delivered: Vec<(NodeId, NodeId, Instant)>,
 }
 
+impl Node {
+    /// Starts loading what handling an event at this node reads first.
+    fn prefetch(&self) {
+        prefetch(&self.scheduled);
+        prefetch(&self.by_tunnel);
+        self.core.prefetch();
+    }
+}
+
 impl Part {
     /// Starts loading the slot of the next event (nearly always a cache
     /// miss: it was filled when the packet was sent, many events ago), to be
@@ -260,11 +269,23 @@ impl Part {
 
     /// Starts loading the first bytes of the next event's packet (its
     /// headers, read first), overlapping that miss with the work between.
-    fn warm_next_packet(&self) {
+    /// Also the state of the nodes the next event and the next timer are
+    /// for (whichever comes first), read field after field otherwise.
+    fn warm_next_packet(&self, nodes: &[Node], lo: usize) {
         if let Some(Reverse((.., slot))) = self.queue.peek()
-            && let Some(Some(Ev::Packet { packet, .. })) = self.pending.get(*slot as usize)
+            && let Some(Some(ev)) = self.pending.get(*slot as usize)
         {
-            prefetch(packet.as_ptr());
+            if let Ev::Packet { packet, .. } = ev {
+                prefetch(packet.as_ptr());
+            }
+            if let Some(node) = nodes.get(ev.at_node().wrapping_sub(lo)) {
+                node.prefetch();
+            }
+        }
+        if let Some(Reverse((_, i))) = self.timers.peek()
+            && let Some(node) = nodes.get(i.wrapping_sub(lo))
+        {
+            node.prefetch();
         }
     }
 
@@ -567,7 +588,7 @@ impl Ctx<'_> {
                 node.core.handle_timeout(now);
                 self.after(nodes, lo, me, part, i, now);
             }
-            part.warm_next_packet();
+            part.warm_next_packet(nodes, lo);
         }
     }
 }
