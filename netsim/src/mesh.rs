@@ -630,18 +630,47 @@ struct Job {
 struct WorkQueue {
     jobs: std::sync::Mutex<(Vec<Job>, bool)>,
     ready: std::sync::Condvar,
+    /// Bumped whenever jobs come or the queue closes: an idle thread
+    /// watches it for a moment before it sleeps on `ready`.
+    signal: std::sync::atomic::AtomicU64,
+}
+
+/// How long an idle simulation thread keeps watching for work before it
+/// sleeps, and the coordinating thread for finished parts. A window lasts
+/// a few hundred microseconds in a steady mesh, and waking a sleeping
+/// thread (a futex, an interrupt between virtual CPUs) cost a good part of
+/// one: the threads sat idle a sixth of the time.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// Calls `ready` until it gives something or [`SPIN`] has passed.
+fn spin_for<T>(mut ready: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(x) = ready() {
+            return Some(x);
+        }
+        if start.elapsed() > SPIN {
+            return None;
+        }
+        for _ in 0..32 {
+            std::hint::spin_loop();
+        }
+    }
 }
 
 impl WorkQueue {
     fn give(&self, jobs: Vec<Job>) {
         let mut q = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         q.0.extend(jobs);
+        self.signal.fetch_add(1, std::sync::atomic::Ordering::Release);
         self.ready.notify_all();
     }
 
     /// The next job; `wait`: until there is one or the queue is closed.
     fn take(&self, wait: bool) -> Option<Job> {
+        use std::sync::atomic::Ordering;
         let mut q = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut spun = false;
         loop {
             if let Some(j) = q.0.pop() {
                 return Some(j);
@@ -649,12 +678,22 @@ impl WorkQueue {
             if q.1 || !wait {
                 return None;
             }
-            q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+            if spun {
+                q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+            } else {
+                // Watch for the next window's jobs before sleeping.
+                let seen = self.signal.load(Ordering::Acquire);
+                drop(q);
+                spin_for(|| (self.signal.load(Ordering::Acquire) != seen).then_some(()));
+                spun = true;
+                q = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            }
         }
     }
 
     fn close(&self) {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.signal.fetch_add(1, std::sync::atomic::Ordering::Release);
         self.ready.notify_all();
     }
 }
@@ -1089,7 +1128,7 @@ impl MeshSim {
                 let now = (*sim_now).max(next);
                 // Anything sent at `now` or later arrives after `end`.
                 let end = (now + lookahead - Duration::from_nanos(1)).min(until);
-                let jobs: Vec<Job> = slots
+                let mut jobs: Vec<Job> = slots
                     .iter_mut()
                     .enumerate()
                     .map(|(k, slot)| {
@@ -1097,6 +1136,10 @@ impl MeshSim {
                         Job { k, nodes, part, now, end }
                     })
                     .collect();
+                // Largest first (threads take from the end): the events in
+                // flight to a part are a fair guess at its work, and a big
+                // part taken last kept the other thread waiting.
+                jobs.sort_by_key(|j| j.part.queue.len());
                 let mut missing = jobs.len();
                 queue.give(jobs);
                 // This thread works too, then waits for the rest.
@@ -1106,7 +1149,10 @@ impl MeshSim {
                     missing -= 1;
                 }
                 while missing > 0 {
-                    let job = done_rx.recv().expect("a simulation thread panicked");
+                    let job = match spin_for(|| done_rx.try_recv().ok()) {
+                        Some(job) => job,
+                        None => done_rx.recv().expect("a simulation thread panicked"),
+                    };
                     slots[job.k] = Some((job.nodes, job.part));
                     missing -= 1;
                 }
