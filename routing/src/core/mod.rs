@@ -1600,7 +1600,7 @@ impl Router {
                 self.events.push_back(Event::SeqnoChanged(self.seqno));
                 tracing::debug!(seqno, "seqno bumped on request");
             }
-            self.trigger(now, key, Urgency::Resend);
+            self.answer(now, key, from);
             return;
         }
         let Some(slot) = self.routes.get(&key) else { return };
@@ -1609,7 +1609,7 @@ impl Router {
             && (e.router_id != router_id || !seqno_newer(seqno, e.seqno))
         {
             // Our route is recent enough, or from another source: send it.
-            self.trigger(now, key, Urgency::Resend);
+            self.answer(now, key, from);
             return;
         }
         if hop_count < 2 {
@@ -1633,6 +1633,20 @@ impl Router {
         // to, but it does go to a new successor (our route may have moved
         // since, e.g. off the link whose loss started it all).
         self.send_seqno_request(now, key, router_id, seqno, hop_count - 1, vec![successor]);
+    }
+
+    /// Answers neighbour `nbr`'s request for `key` with our route, on its
+    /// interface alone and at once, as babeld does (`send_update(ifp, 1,
+    /// …)`): the other neighbours have not asked (they get the route with
+    /// the periodic updates, or ask themselves), and a lost answer is
+    /// asked for again. Answering on every interface, three times over,
+    /// made a tunnel refresh of the thousand send about 60 times the
+    /// updates babeld would.
+    fn answer(&mut self, now: Instant, key: RouteKey, nbr: u32) {
+        let Some(iface) = self.neighbours.get(&nbr).map(|n| n.iface) else { return };
+        let msg = self.update_message(&key, iface);
+        self.note_sent(now, &key, &msg);
+        self.queue(iface, Destination::Multicast, msg);
     }
 
     fn send_seqno_request(
@@ -1724,8 +1738,10 @@ impl Router {
         let Some(p) = self.pending.get(&rid) else { return };
         if p.router_id == router_id && !seqno_newer(p.seqno, seqno) {
             self.pending.remove(&rid);
-            // Whoever asked through us hears about it through the triggered update.
-            self.trigger(now, *key, Urgency::Resend);
+            // Whoever asked through us hears about it through the triggered
+            // update: sent at once, once (babeld's `urgent = 1`); if it is
+            // lost, the requester asks again.
+            self.trigger(now, *key, Urgency::Now);
         } else if !p.to.contains(&nbr) && p.hop_count >= 1 {
             let (want_id, want, hops) = (p.router_id, p.seqno, p.hop_count);
             self.send_seqno_request(now, *key, want_id, want, hops, vec![nbr]);
@@ -2022,7 +2038,7 @@ impl Router {
             Urgency::Fast => roughly(self.min_hello.min(URGENT_FLUSH), self.next_random()),
             // On the critical path of recovery (a route lost, a seqno asked
             // for): nearly at once.
-            Urgency::Resend => roughly(RESEND_FLUSH, self.next_random()),
+            Urgency::Resend | Urgency::Now => roughly(RESEND_FLUSH, self.next_random()),
         };
         self.flush_at = Some(self.flush_at.map_or(now + delay, |t| t.min(now + delay)));
         if urgency == Urgency::Resend {
@@ -2378,8 +2394,9 @@ enum Urgency {
     Normal,
     /// Within about 100 ms.
     Fast,
-    /// Within about 10 ms, and repeated (retractions, source switches,
-    /// seqno bumps asked for).
+    /// Within about 10 ms, once (a seqno asked for that arrived).
+    Now,
+    /// Within about 10 ms, and repeated (retractions, source switches).
     Resend,
 }
 
