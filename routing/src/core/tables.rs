@@ -418,9 +418,15 @@ impl Slot {
         self.selected = i.map_or(NO_SELECTION, |i| u32::try_from(i).unwrap_or(NO_SELECTION));
     }
 
-    /// Records what is now reported, returning what was.
+    /// Records what is now reported, returning what was (in the box it
+    /// was in, when there is still something: a new seqno or metric of the
+    /// selected route is the commonest change, and a box freed and another
+    /// allocated for it cost a cache miss on the allocator's side).
     pub fn replace_installed(&mut self, now: Option<Installed>) -> Option<Installed> {
-        std::mem::replace(&mut self.installed, now.map(Box::new)).map(|b| *b)
+        match (&mut self.installed, now) {
+            (Some(b), Some(n)) => Some(std::mem::replace(&mut **b, n)),
+            (slot, n) => std::mem::replace(slot, n.map(Box::new)).map(|b| *b),
+        }
     }
 
     fn spill(&self) -> &[u32] {
