@@ -266,23 +266,10 @@ pub struct Stats {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
-    Hello(IfaceId),
-    Update(IfaceId),
     ExpireRoutes,
     Urgent(u32),
     Request(u32),
     SourceGc,
-}
-
-impl Timer {
-    /// An interface's Hello (`true`) or full-update timer: which interface.
-    fn periodic(self) -> Option<(IfaceId, bool)> {
-        match self {
-            Timer::Hello(iface) => Some((iface, true)),
-            Timer::Update(iface) => Some((iface, false)),
-            _ => None,
-        }
-    }
 }
 
 /// Datagrams of fewer updates are handled without groups (see `repeats`).
@@ -331,8 +318,8 @@ struct Iface {
     /// packet finds its sender here without a lookup in `by_addr`.
     nbrs: IfaceNbrs,
     /// When its next Hello and its next periodic full update are due, on
-    /// the timer heap's clock: its live `Timer::Hello` and `Timer::Update`
-    /// (others in the heap are stale).
+    /// the timer heap's clock (`u64::MAX`: not scheduled yet). Outside the
+    /// heap: see `Router::periodic_top`.
     next_hello: u64,
     next_update: u64,
 }
@@ -512,10 +499,12 @@ pub struct Router {
     /// The interfaces a Hello or Update timer sends on (kept for its
     /// allocation).
     periodic_buf: Vec<IfaceId>,
-    /// Hello and Update timers in the heap that no longer count (moved to
-    /// another interface's, or their interface removed): while there are
-    /// none, the heap's top needs no check.
-    stale_periodic: u32,
+    /// The earliest `next_hello` or `next_update` of the interfaces
+    /// (`u64::MAX`: none). Hellos and full updates are not in the timer
+    /// heap: a node's tunnels share one wake-up per interval, and each
+    /// interface's own timer in the heap was a push and a stale pop per
+    /// tunnel per Hello interval.
+    periodic_top: u64,
     /// No route entry expires before this (a lower bound: refreshed entries
     /// only move away from it): the expiry sweep skips the table until then.
     min_expiry: Ticks,
@@ -587,7 +576,7 @@ impl Router {
             hits_buf: Vec::new(),
             ihu_buf: Vec::new(),
             periodic_buf: Vec::new(),
-            stale_periodic: 0,
+            periodic_top: u64::MAX,
             min_expiry: Ticks::MAX,
             repeats: Repeats::default(),
             forming: None,
@@ -641,8 +630,8 @@ impl Router {
                 hellos_sent: 0,
                 requested: now,
                 nbrs: IfaceNbrs::default(),
-                next_hello: 0,
-                next_update: 0,
+                next_hello: u64::MAX,
+                next_update: u64::MAX,
             },
         );
         self.update_min_hello();
@@ -654,9 +643,9 @@ impl Router {
             (c.hello_interval, c.update_interval)
         };
         let jitter = self.jitter(h);
-        self.schedule_periodic(now + h - jitter, Timer::Hello(iface));
+        self.schedule_periodic(now + h - jitter, iface, true);
         let jitter = self.jitter(u);
-        self.schedule_periodic(now + u - jitter, Timer::Update(iface));
+        self.schedule_periodic(now + u - jitter, iface, false);
         self.flush(now);
     }
 
@@ -693,7 +682,7 @@ impl Router {
         if self.ifaces.remove(&iface).is_none() {
             return;
         }
-        self.stale_periodic += 2; // its Hello and Update timers
+        self.rescan_periodic();
         self.update_min_hello();
         let gone: Vec<u32> =
             self.neighbours.iter().filter(|(_, n)| n.iface == iface).map(|(id, _)| id).collect();
@@ -793,7 +782,6 @@ impl Router {
             && self.refresh_datagram(now, nbr, h)
         {
             self.flush(now);
-            self.drop_stale_timers();
             return;
         }
         // One buffer for every packet's messages (no allocation per packet).
@@ -835,7 +823,6 @@ impl Router {
         self.cost_cache = None;
         self.expiry_cache = None;
         self.flush(now);
-        self.drop_stale_timers();
     }
 
     /// Handles a datagram that repeats, byte for byte, one `nbr` sent
@@ -1004,20 +991,23 @@ impl Router {
     pub fn handle_timeout(&mut self, now: Instant) {
         let due = self.nanos(now);
         loop {
-            let heap = Some(self.timers_top).filter(|at| *at <= due);
-            let nbr = self.next_nbr_due().filter(|(at, _)| *at <= due);
-            match (heap, nbr) {
-                (Some(h), Some((n, id))) if n < h => self.fire_neighbour(now, id),
-                (Some(_), _) => {
-                    let Some(Reverse((at, _, timer))) = self.pop_timer() else { break };
-                    self.fire(now, self.instant(at), timer);
-                }
-                (None, Some((_, id))) => self.fire_neighbour(now, id),
-                (None, None) => break,
+            // The earliest of the heap, the Hellos and full updates, and the
+            // neighbours (in that order when due at the same time).
+            let heap = self.timers_top;
+            let periodic = self.periodic_top;
+            let nbr = self.next_nbr_due();
+            if heap <= due && heap <= periodic && nbr.is_none_or(|(n, _)| heap <= n) {
+                let Some(Reverse((_, _, timer))) = self.pop_timer() else { break };
+                self.fire(now, timer);
+            } else if periodic <= due && nbr.is_none_or(|(n, _)| periodic <= n) {
+                self.fire_periodic(now, periodic);
+            } else if let Some((_, id)) = nbr.filter(|(n, _)| *n <= due) {
+                self.fire_neighbour(now, id);
+            } else {
+                break;
             }
         }
         self.flush(now);
-        self.drop_stale_timers();
     }
 
     /// The earliest neighbour deadline: (due, neighbour id).
@@ -1043,31 +1033,6 @@ impl Router {
             self.nbr_due.iter().enumerate().min_by_key(|(_, at)| **at).map_or(usize::MAX, |(i, _)| i);
     }
 
-    /// Pops the Hello and full-update timers at the top of the heap that
-    /// another interface's replaced (they would do nothing when they fire),
-    /// so that [`Router::poll_timeout`] does not wake the driver for them.
-    fn drop_stale_timers(&mut self) {
-        if self.stale_periodic == 0 {
-            return;
-        }
-        while let Some(Reverse((at, _, timer))) = self.timers.peek().copied() {
-            let live = match timer {
-                // Moved by another interface's (or removed).
-                Timer::Hello(_) | Timer::Update(_) => {
-                    self.stale_periodic == 0 || self.periodic_live(at, timer)
-                }
-                _ => true,
-            };
-            if live {
-                break;
-            }
-            if timer.periodic().is_some() {
-                self.stale_periodic = self.stale_periodic.saturating_sub(1);
-            }
-            self.pop_timer();
-        }
-    }
-
     /// Pops the heap's first timer, keeping `timers_top`.
     fn pop_timer(&mut self) -> Option<Reverse<(u64, u64, Timer)>> {
         let t = self.timers.pop();
@@ -1077,7 +1042,8 @@ impl Router {
 
     /// When [`Router::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let heap = Some(self.timers_top).filter(|at| *at != u64::MAX);
+        let heap = self.timers_top.min(self.periodic_top);
+        let heap = Some(heap).filter(|at| *at != u64::MAX);
         let nbr = self.next_nbr_due().map(|(at, _)| at);
         let timer = heap.into_iter().chain(nbr).min().map(|at| self.instant(at));
         match (timer, self.flush_at) {
@@ -2170,44 +2136,49 @@ impl Router {
 
     // ------------------------------------------------------------ timers
 
-    /// Whether a Hello or Update timer at `at` (the heap's clock) is its
-    /// interface's live one.
-    fn periodic_live(&self, at: u64, timer: Timer) -> bool {
-        timer.periodic().is_none_or(|(iface, hello)| {
-            self.ifaces.get(&iface).is_some_and(|i| i.next_periodic(hello) == at)
-        })
-    }
-
-    /// Schedules an interface's next Hello or full update (its earlier
-    /// timer becomes stale).
-    fn schedule_periodic(&mut self, at: Instant, timer: Timer) {
+    /// Schedules an interface's next Hello (`hello`) or full update.
+    fn schedule_periodic(&mut self, at: Instant, iface: IfaceId, hello: bool) {
         let ns = self.nanos(at);
-        if let Some((iface, hello)) = timer.periodic()
-            && let Some(i) = self.ifaces.get_mut(&iface)
-        {
+        if let Some(i) = self.ifaces.get_mut(&iface) {
             *i.next_periodic_mut(hello) = ns;
+            self.periodic_top = self.periodic_top.min(ns);
         }
-        self.schedule(at, timer);
     }
 
-    /// Sends `iface`'s Hello (`hello`) or full update, and those of every
-    /// interface of the same interval whose own is due within half an
-    /// interval: early, never late. A node's tunnels soon share one timer of
-    /// each kind, one wake-up per interval rather than one per tunnel, and a
+    /// Finds the earliest Hello or full update again.
+    fn rescan_periodic(&mut self) {
+        self.periodic_top =
+            self.ifaces.values().map(|i| i.next_hello.min(i.next_update)).min().unwrap_or(u64::MAX);
+    }
+
+    /// Sends the Hello or full update due at `at` (the earliest of any
+    /// interface, the first such in id order), and those of every
+    /// interface of the same kind and interval whose own is due within half
+    /// an interval: early, never late. A node's tunnels soon share one
+    /// wake-up of each kind per interval rather than one per tunnel, and a
     /// full update built once serves them all (built apart, each was built
     /// anew whenever a route had changed in between).
-    fn fire_periodic(&mut self, now: Instant, at: Instant, iface: IfaceId, hello: bool) {
-        let timer = if hello { Timer::Hello(iface) } else { Timer::Update(iface) };
-        if !self.periodic_live(self.nanos(at), timer) {
-            // Stale: sent with another interface's, or removed.
-            self.stale_periodic = self.stale_periodic.saturating_sub(1);
+    fn fire_periodic(&mut self, now: Instant, at: u64) {
+        let first = self.ifaces.iter().find_map(|(id, i)| {
+            if i.next_hello == at {
+                Some((id, true))
+            } else if i.next_update == at {
+                Some((id, false))
+            } else {
+                None
+            }
+        });
+        let Some((iface, hello)) = first else {
+            self.rescan_periodic();
             return;
-        }
+        };
+        let at = self.instant(at);
         let interval = |c: &InterfaceConfig| if hello { c.hello_interval } else { c.update_interval };
         let h = interval(&self.ifaces[&iface].cfg);
         let jitter = self.jitter(h);
         let next = at.max(now - h) + h - jitter / 2;
         let soon = self.nanos(now + h / 2);
+        let next = self.nanos(next);
         let mut due = std::mem::take(&mut self.periodic_buf);
         due.extend(
             self.ifaces
@@ -2219,16 +2190,16 @@ impl Router {
         for &j in &due {
             if hello {
                 self.send_hello(now, j);
-                self.schedule_periodic(next, Timer::Hello(j));
             } else {
                 self.send_full_update(now, j, Destination::Multicast);
-                self.schedule_periodic(next, Timer::Update(j));
+            }
+            if let Some(i) = self.ifaces.get_mut(&j) {
+                *i.next_periodic_mut(hello) = next;
             }
         }
-        // Their earlier timers (the firing one's is popped).
-        self.stale_periodic += due.len().saturating_sub(1) as u32;
         due.clear();
         self.periodic_buf = due;
+        self.rescan_periodic();
     }
 
     fn schedule(&mut self, at: Instant, t: Timer) {
@@ -2248,10 +2219,8 @@ impl Router {
         self.epoch + Duration::from_nanos(nanos)
     }
 
-    fn fire(&mut self, now: Instant, at: Instant, timer: Timer) {
+    fn fire(&mut self, now: Instant, timer: Timer) {
         match timer {
-            Timer::Hello(iface) => self.fire_periodic(now, at, iface, true),
-            Timer::Update(iface) => self.fire_periodic(now, at, iface, false),
             Timer::ExpireRoutes => {
                 // One sweep now and then rather than a timer per entry: with
                 // thousands of destinations per neighbour those timers were
