@@ -281,6 +281,9 @@ pub struct NodeCore {
     /// were last handed to the manager.
     counts_stale: bool,
     fib: Fib<PeerId>,
+    /// Bumped whenever an entry of `fib` changes (see
+    /// [`NodeCore::fib_generation`]).
+    fib_generation: u64,
     /// How many destinations Babel routes through each peer (kept with the
     /// FIB; the tunnel manager's refresh drops the tunnel carrying fewest).
     route_counts: BTreeMap<PeerId, usize>,
@@ -323,6 +326,7 @@ impl NodeCore {
             manager_touched: true,
             counts_stale: true,
             fib: Fib::new(),
+            fib_generation: 0,
             route_counts: BTreeMap::new(),
             tunnels: Tunnels::new(),
             outputs: VecDeque::new(),
@@ -391,6 +395,13 @@ impl NodeCore {
     /// The peer the route to `dst` goes through, if any.
     pub fn route(&self, dst: Ipv6Addr) -> Option<PeerId> {
         self.fib.lookup(dst).copied()
+    }
+
+    /// A count of the forwarding table's changes: while it stays the same,
+    /// [`NodeCore::route`] gives the same answers (a simulator re-checks
+    /// only the paths through nodes whose tables changed).
+    pub fn fib_generation(&self) -> u64 {
+        self.fib_generation
     }
 
     /// Applies new tunnel-manager parameters at once.
@@ -774,6 +785,9 @@ impl NodeCore {
             Some(p) => self.fib.insert(prefix, p),
             None => self.fib.remove(&prefix),
         };
+        if old != via {
+            self.fib_generation += 1;
+        }
         if let Some(o) = old
             && let Some(c) = self.route_counts.get_mut(&o)
         {

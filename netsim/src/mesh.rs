@@ -750,6 +750,21 @@ pub struct MeshSim {
     /// Counters of the underlay.
     pub stats: MeshStats,
     rng: Rng,
+    /// The last walk of each pair [`MeshSim::check_walks`] was asked for.
+    walk_cache: FxMap<(NodeId, NodeId), CachedWalk>,
+    /// Bumped by whatever changes the underlay or replaces a node's core:
+    /// every cached walk is then stale.
+    walk_epoch: u64,
+    /// Walks [`MeshSim::check_walks`] took from the cache, not redone.
+    pub walks_reused: u64,
+}
+
+/// A walk, and what it depended on: the simulation's `walk_epoch` then,
+/// and the forwarding-table generation of each node it looked up.
+struct CachedWalk {
+    walk: Walk,
+    epoch: u64,
+    tables: Vec<(NodeId, u64)>,
 }
 
 fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
@@ -834,6 +849,9 @@ impl MeshSim {
             silent_set: None,
             delivered: Vec::new(),
             stats: MeshStats::default(),
+            walk_cache: FxMap::default(),
+            walk_epoch: 0,
+            walks_reused: 0,
             rng,
             cfg,
         };
@@ -954,12 +972,14 @@ impl MeshSim {
 
     /// Breaks or heals the underlay path between two nodes.
     pub fn set_path(&mut self, a: NodeId, b: NodeId, up: bool) {
+        self.walk_epoch += 1;
         self.overrides.insert(pair(a, b), up);
     }
 
     /// Forgets every [`MeshSim::set_path`]: paths are back to their
     /// configured state.
     pub fn reset_paths(&mut self) {
+        self.walk_epoch += 1;
         self.overrides.clear();
     }
 
@@ -967,6 +987,7 @@ impl MeshSim {
     /// islands are down. All zeros: no partition.
     pub fn set_islands(&mut self, island: Vec<u32>) {
         assert_eq!(island.len(), self.nodes.len(), "one island per node");
+        self.walk_epoch += 1;
         self.island = island;
     }
 
@@ -983,6 +1004,7 @@ impl MeshSim {
 
     /// Breaks each path with probability `p` (seeded).
     pub fn break_random_paths(&mut self, p: f64) -> usize {
+        self.walk_epoch += 1;
         let n = self.nodes.len();
         let mut k = 0;
         for a in 0..n {
@@ -1001,6 +1023,7 @@ impl MeshSim {
     /// [`MeshSim::restart`] for a node that starts afresh).
     pub fn set_alive(&mut self, i: NodeId, alive: bool) {
         let was = self.alive[i];
+        self.walk_epoch += 1;
         self.alive[i] = alive;
         if alive && !was {
             self.nodes[i].scheduled = None;
@@ -1011,6 +1034,7 @@ impl MeshSim {
     /// Starts node `i` afresh (a reboot, or a node joining): a new core that
     /// resumes the Babel seqno it last persisted and knows every other node.
     pub fn restart(&mut self, i: NodeId) {
+        self.walk_epoch += 1;
         self.nodes[i].core = self.make_core(i, self.nodes[i].seqno);
         self.nodes[i].busy_until = self.now;
         self.alive[i] = false;
@@ -1020,6 +1044,7 @@ impl MeshSim {
     /// Node `i` leaves the mesh gracefully: it closes its tunnels (the
     /// peers hear it at once) and stops.
     pub fn leave(&mut self, i: NodeId) {
+        self.walk_epoch += 1;
         let now = self.now;
         let peers: Vec<Ipv6Net> = self.nodes[i].core.manager().tunnels().map(|(p, _, _)| p).collect();
         for p in peers {
@@ -1211,31 +1236,72 @@ impl MeshSim {
     /// at each hop that the underlay path works. No packet is sent and
     /// nothing changes.
     pub fn walk(&self, a: NodeId, b: NodeId) -> Walk {
+        self.walk_traced(a, b).0
+    }
+
+    /// [`MeshSim::walk`], and the nodes whose forwarding tables it read.
+    fn walk_traced(&self, a: NodeId, b: NodeId) -> (Walk, Vec<NodeId>) {
         let dst = mesh_address(b);
         let mut path = vec![a];
         let mut cur = a;
         let mut latency = Duration::ZERO;
         while cur != b {
-            let Some(peer) = self.nodes[cur].core.route(dst) else { return Walk::NoRoute { at: cur } };
-            let Some(next) = node_in(&peer, self.nodes.len()) else { return Walk::NoRoute { at: cur } };
+            let Some(peer) = self.nodes[cur].core.route(dst) else {
+                return (Walk::NoRoute { at: cur }, path);
+            };
+            let Some(next) = node_in(&peer, self.nodes.len()) else {
+                return (Walk::NoRoute { at: cur }, path);
+            };
             // One call of the path function per hop (it hashes and converts:
             // the walks of a large run's samples showed it in profiles).
             let p = self.path(cur, next);
             if !ctx!(self).up_with(cur, next, p.broken) {
-                return Walk::PathDown { at: cur, next };
+                return (Walk::PathDown { at: cur, next }, path);
             }
             if let Some(k) = path.iter().position(|&x| x == next) {
-                return Walk::Loop { path: path[k..].to_vec() };
+                return (Walk::Loop { path: path[k..].to_vec() }, path);
             }
             latency += p.latency;
             path.push(next);
             cur = next;
             if path.len() > 64 {
                 // The hop limit would drop it: count it as a loop.
-                return Walk::Loop { path };
+                return (Walk::Loop { path: path.clone() }, path);
             }
         }
-        Walk::Reached { hops: path.len() - 1, latency }
+        (Walk::Reached { hops: path.len() - 1, latency }, path)
+    }
+
+    /// [`MeshSim::walks`] for the samples of a run, which ask for the same
+    /// pairs again and again: a pair's last walk is given again while
+    /// nothing it depended on changed (the underlay, and the forwarding
+    /// table of every node it went through), the others are walked anew.
+    /// The same walks as [`MeshSim::walks`], without a cold table lookup
+    /// per hop for the paths that did not change (most, between events).
+    pub fn check_walks(&mut self, pairs: &[(NodeId, NodeId)]) -> Vec<Walk> {
+        let generation: Vec<u64> = self.nodes.iter().map(|n| n.core.fib_generation()).collect();
+        let epoch = self.walk_epoch;
+        let mut out: Vec<Option<Walk>> = pairs
+            .iter()
+            .map(|k| {
+                self.walk_cache
+                    .get(k)
+                    .filter(|c| c.epoch == epoch && c.tables.iter().all(|&(i, g)| generation[i] == g))
+                    .map(|c| c.walk.clone())
+            })
+            .collect();
+        let todo: Vec<(NodeId, NodeId)> =
+            pairs.iter().zip(&out).filter(|(_, w)| w.is_none()).map(|(k, _)| *k).collect();
+        self.walks_reused += (pairs.len() - todo.len()) as u64;
+        let done = self.share_out(&todo, WALKS_PER_THREAD, |&(a, b)| self.walk_traced(a, b));
+        let mut done = todo.into_iter().zip(done);
+        for w in out.iter_mut().filter(|w| w.is_none()) {
+            let Some((k, (walk, path))) = done.next() else { break };
+            let tables = path.into_iter().map(|i| (i, generation[i])).collect();
+            self.walk_cache.insert(k, CachedWalk { walk: walk.clone(), epoch, tables });
+            *w = Some(walk);
+        }
+        out.into_iter().map(|w| w.expect("walked")).collect()
     }
 
     /// [`MeshSim::walk`] for each pair, shared out to the simulation's

@@ -287,7 +287,7 @@ impl Network for MeshSim {
         MeshSim::traffic(self, i)
     }
     fn check(&mut self, pairs: &[(NodeId, NodeId)]) -> Vec<Walk> {
-        self.walks(pairs)
+        self.check_walks(pairs)
     }
 }
 

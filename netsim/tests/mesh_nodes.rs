@@ -71,3 +71,42 @@ fn cutting_a_tunnel_reroutes_within_3_seconds() {
     assert!(sim.unreachable_pairs(Duration::from_secs(1)).is_empty());
     assert!(!sim.tunnel_graph().contains(&(a, b)), "the dead tunnel was not closed");
 }
+
+/// The samples' walks, re-done only through nodes whose forwarding tables
+/// changed (and all after an underlay change), are the walks done afresh:
+/// while the mesh forms, through a cut path, a failed node, a restart and
+/// a partition. Most of the later ones come from the cache.
+#[test]
+fn cached_walks_are_the_walks_done_afresh() {
+    let n = 14;
+    let mut sim = small_mesh(n, 5);
+    let pairs: Vec<(usize, usize)> =
+        (0..n).flat_map(|a| (0..n).filter(move |&b| b != a).map(move |b| (a, b))).collect();
+    let check = |sim: &mut MeshSim, when: &str| {
+        let fresh = sim.walks(&pairs);
+        let cached = sim.check_walks(&pairs);
+        assert_eq!(cached, fresh, "{when}");
+    };
+    for step in 0..60 {
+        sim.run_for(Duration::from_millis(500));
+        match step {
+            20 => {
+                let (a, b) = sim.tunnel_graph()[0];
+                sim.set_path(a, b, false);
+            }
+            30 => sim.set_alive(3, false),
+            36 => sim.set_alive(3, true),
+            40 => sim.restart(5),
+            48 => sim.set_islands((0..n).map(|i| u32::from(i < 4)).collect()),
+            54 => sim.set_islands(vec![0; n]),
+            _ => {}
+        }
+        check(&mut sim, &format!("step {step}"));
+        // Asked twice with nothing run between: all from the cache.
+        let before = sim.walks_reused;
+        check(&mut sim, &format!("step {step}, again"));
+        assert_eq!(sim.walks_reused - before, pairs.len() as u64, "step {step}");
+    }
+    // Far more reused than walked: the quiet steps' tables did not change.
+    assert!(sim.walks_reused > 60 * pairs.len() as u64 * 3 / 2, "{} reused", sim.walks_reused);
+}
