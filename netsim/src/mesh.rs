@@ -617,9 +617,9 @@ fn hand_over<P: std::borrow::BorrowMut<Part>>(
 }
 
 /// A part to run for a window, on whichever thread takes it.
-struct Job {
+struct Job<'a> {
     k: usize,
-    nodes: Vec<Node>,
+    nodes: &'a mut [Node],
     part: Part,
     now: Instant,
     end: Instant,
@@ -627,8 +627,8 @@ struct Job {
 
 /// The parts of a window, waiting for threads.
 #[derive(Default)]
-struct WorkQueue {
-    jobs: std::sync::Mutex<(Vec<Job>, bool)>,
+struct WorkQueue<'a> {
+    jobs: std::sync::Mutex<(Vec<Job<'a>>, bool)>,
     ready: std::sync::Condvar,
     /// Bumped whenever jobs come or the queue closes: an idle thread
     /// watches it for a moment before it sleeps on `ready`.
@@ -658,8 +658,8 @@ fn spin_for<T>(mut ready: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
-impl WorkQueue {
-    fn give(&self, jobs: Vec<Job>) {
+impl<'a> WorkQueue<'a> {
+    fn give(&self, jobs: Vec<Job<'a>>) {
         let mut q = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         q.0.extend(jobs);
         self.signal.fetch_add(1, std::sync::atomic::Ordering::Release);
@@ -667,7 +667,7 @@ impl WorkQueue {
     }
 
     /// The next job; `wait`: until there is one or the queue is closed.
-    fn take(&self, wait: bool) -> Option<Job> {
+    fn take(&self, wait: bool) -> Option<Job<'a>> {
         use std::sync::atomic::Ordering;
         let mut q = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         let mut spun = false;
@@ -699,9 +699,9 @@ impl WorkQueue {
 }
 
 /// Closes the queue if the thread holding it panics.
-struct CloseOnPanic<'a>(&'a WorkQueue);
+struct CloseOnPanic<'q, 'a>(&'q WorkQueue<'a>);
 
-impl Drop for CloseOnPanic<'_> {
+impl Drop for CloseOnPanic<'_, '_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.0.close();
@@ -1098,14 +1098,12 @@ impl MeshSim {
     /// exit); the parts and their nodes move to them and back each window.
     fn run_parallel(&mut self, until: Instant) {
         let (start, chunk, lookahead) = (self.start, self.chunk, self.lookahead);
-        let mut all = std::mem::take(&mut self.nodes);
-        let mut chunks: Vec<Vec<Node>> = Vec::with_capacity(self.parts.len());
-        for k in (0..self.parts.len()).rev() {
-            chunks.push(all.split_off((k * chunk).min(all.len())));
-        }
-        chunks.reverse();
+        // Each part's nodes, borrowed in place (split off and put back, they
+        // were copied twice per call: a few megabytes, on one thread).
+        let mut chunks: Vec<&mut [Node]> = self.nodes.chunks_mut(chunk).collect();
+        chunks.resize_with(self.parts.len(), || &mut []);
         let parts = std::mem::take(&mut self.parts);
-        let mut slots: Vec<Option<(Vec<Node>, Part)>> = chunks.into_iter().zip(parts).map(Some).collect();
+        let mut slots: Vec<Option<(&mut [Node], Part)>> = chunks.into_iter().zip(parts).map(Some).collect();
         let queue = WorkQueue::default();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<Job>();
         let ctx = ctx!(self);
@@ -1122,14 +1120,7 @@ impl MeshSim {
                     let _guard = CloseOnPanic(queue);
                     tracing::dispatcher::with_default(logs, || {
                         while let Some(mut job) = queue.take(true) {
-                            ctx.run_part(
-                                &mut job.nodes,
-                                job.k * chunk,
-                                job.k,
-                                &mut job.part,
-                                job.now,
-                                job.end,
-                            );
+                            ctx.run_part(job.nodes, job.k * chunk, job.k, &mut job.part, job.now, job.end);
                             if done.send(job).is_err() {
                                 return;
                             }
@@ -1169,7 +1160,7 @@ impl MeshSim {
                 queue.give(jobs);
                 // This thread works too, then waits for the rest.
                 while let Some(mut job) = queue.take(false) {
-                    ctx.run_part(&mut job.nodes, job.k * chunk, job.k, &mut job.part, job.now, job.end);
+                    ctx.run_part(job.nodes, job.k * chunk, job.k, &mut job.part, job.now, job.end);
                     slots[job.k] = Some((job.nodes, job.part));
                     missing -= 1;
                 }
@@ -1191,10 +1182,7 @@ impl MeshSim {
             }
             queue.close();
         });
-        for (nodes, part) in slots.into_iter().map(|s| s.expect("every part is back")) {
-            self.nodes.extend(nodes);
-            self.parts.push(part);
-        }
+        self.parts.extend(slots.into_iter().map(|s| s.expect("every part is back").1));
     }
 
     /// Sends a probe from node `a`'s machine to node `b`'s mesh address.
