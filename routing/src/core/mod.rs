@@ -496,8 +496,8 @@ pub struct Router {
     hits_buf: Vec<repeats::Hit>,
     /// A Hello's IHUs while it is queued (kept for its allocation).
     ihu_buf: Vec<Message>,
-    /// The interfaces a Hello or Update timer sends on (kept for its
-    /// allocation).
+    /// The interfaces a Hello or full-update wake-up sends on (kept for
+    /// its allocation).
     periodic_buf: Vec<IfaceId>,
     /// The earliest `next_hello` or `next_update` of the interfaces
     /// (`u64::MAX`: none). Hellos and full updates are not in the timer
