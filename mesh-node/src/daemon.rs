@@ -1112,6 +1112,21 @@ impl Daemon {
             metric(name, help, "counter", &[(String::new(), v as f64)]);
         }
         metric(
+            "babel_seqno_requests_total",
+            "Babel seqno requests sent, ours (a destination without a feasible route) or passed on towards the source.",
+            "counter",
+            &[
+                ("{kind=\"ours\"}".into(), b.seqno_requests_sent as f64),
+                ("{kind=\"forwarded\"}".into(), b.seqno_requests_forwarded as f64),
+            ],
+        );
+        metric(
+            "babel_seqno_bumps_total",
+            "Times a neighbour's seqno request raised this node's own seqno.",
+            "counter",
+            &[(String::new(), b.seqno_bumps as f64)],
+        );
+        metric(
             "babel_packets_total",
             "Babel packets by direction, and those dropped whole.",
             "counter",

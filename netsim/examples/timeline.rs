@@ -2,9 +2,10 @@
 //! mesh (its nodes, regions, underlay and timers, but none of its events
 //! or samples) and prints, for each step of virtual time, the wall time it
 //! took, the packets sent, the Babel updates the nodes received (changed:
-//! they changed a table; repeated: refreshed in bulk) and the seqno bumps
-//! (a node raising its own seqno, as asked by a starving node: it changes
-//! that node's route everywhere); then, at the step's end, the tunnel ends
+//! they changed a table; repeated: refreshed in bulk), the seqno requests
+//! (originated by a node left without a feasible route, and passed on) and
+//! the seqno bumps (a node raising its own seqno, as asked: it changes that
+//! node's route everywhere); then, at the step's end, the tunnel ends
 //! (Babel interfaces) and selected routes of all nodes.
 //!
 //! `cargo run --release -p sixmesh-netsim --example timeline -- netsim/scenarios/thousand.toml [STEP_S [THREADS]]`
@@ -32,35 +33,46 @@ fn main() {
     };
     s.threads = threads;
     let (mut sim, _, _) = build(&s);
-    println!("virtual_s\twall_s\tpackets\tupdates_in\tchanged\trepeated\tbumps\ttunnel_ends\tselected");
-    let mut seqnos: Vec<u16> = (0..sim.len()).map(|i| sim.node(i).router().seqno()).collect();
-    let (mut packets, mut updates, mut changed, mut repeated) = (0, 0, 0, 0);
+    println!(
+        "virtual_s\twall_s\tpackets\tupdates_in\tchanged\trepeated\trequests\tforwarded\tbumps\ttunnel_ends\tselected"
+    );
+    // Totals over the nodes of what each step prints the increase of.
+    let totals = |sim: &sixmesh_netsim::mesh::MeshSim| {
+        let mut v = [0u64; 6];
+        for i in 0..sim.len() {
+            let st = sim.node(i).router().stats();
+            let now = [
+                st.updates_in,
+                st.updates_changed,
+                st.updates_repeated,
+                st.seqno_requests_sent,
+                st.seqno_requests_forwarded,
+                st.seqno_bumps,
+            ];
+            v.iter_mut().zip(now).for_each(|(a, b)| *a += b);
+        }
+        v
+    };
+    let (mut packets, mut last) = (0, totals(&sim));
     let mut t = 0.0;
     while t < s.duration_s {
         let w = Instant::now();
         sim.run_for(Duration::from_secs_f64(step));
         let wall = w.elapsed().as_secs_f64();
         t += step;
-        let (mut u, mut c, mut r, mut b) = (0, 0, 0, 0u64);
         let (mut tunnel_ends, mut selected) = (0, 0);
-        for (i, seqno) in seqnos.iter_mut().enumerate() {
+        for i in 0..sim.len() {
             let router = sim.node(i).router();
-            b += u64::from(router.seqno().wrapping_sub(*seqno));
-            *seqno = router.seqno();
             tunnel_ends += router.interfaces().count();
             selected += router.selected_count();
-            let st = router.stats();
-            u += st.updates_in;
-            c += st.updates_changed;
-            r += st.updates_repeated;
         }
+        let now = totals(&sim);
+        let d: Vec<String> = now.iter().zip(last).map(|(n, l)| (n - l).to_string()).collect();
         println!(
-            "{t:.0}\t{wall:.2}\t{}\t{}\t{}\t{}\t{b}\t{tunnel_ends}\t{selected}",
+            "{t:.0}\t{wall:.2}\t{}\t{}\t{tunnel_ends}\t{selected}",
             sim.stats.packets - packets,
-            u - updates,
-            c - changed,
-            r - repeated
+            d.join("\t")
         );
-        (packets, updates, changed, repeated) = (sim.stats.packets, u, c, r);
+        (packets, last) = (sim.stats.packets, now);
     }
 }

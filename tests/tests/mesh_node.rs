@@ -310,6 +310,9 @@ fn garbage_on_the_tunnel_port_is_counted_and_harmless() {
     assert!(repeated <= updates, "{st}");
     assert!(metrics.contains("sixmesh_babel_updates_repeated_total "), "{metrics}");
     assert!(metrics.contains("sixmesh_babel_packets_total{dir=\"in\"} "), "{metrics}");
+    assert!(metrics.contains("sixmesh_babel_seqno_requests_total{kind=\"ours\"} "), "{metrics}");
+    assert!(metrics.contains("sixmesh_babel_seqno_bumps_total "), "{metrics}");
+    assert!(st["babel"]["seqno_bumps"].as_u64().is_some(), "{st}");
 }
 
 /// With the registry down, a new node that knows a single peer finds the

@@ -262,6 +262,29 @@ pub struct Stats {
     /// one already handled, with nothing changed since. Only datagrams of
     /// 16 updates or more: most of a large steady network's updates.
     pub updates_repeated: u64,
+    /// Seqno requests we originated (a destination left without a feasible
+    /// route, or offered a much better one that is not feasible, asks its
+    /// source for a new seqno), counted per neighbour asked.
+    pub seqno_requests_sent: u64,
+    /// Seqno requests of others passed on towards the source, per
+    /// neighbour asked.
+    pub seqno_requests_forwarded: u64,
+    /// Times a neighbour's request raised our own seqno. Each makes every
+    /// node's entry for our prefix change, from every neighbour: a mesh
+    /// where this keeps growing is rerouting over and over.
+    pub seqno_bumps: u64,
+}
+
+impl Stats {
+    /// Counts seqno requests to `n` neighbours, `ours` or passed on.
+    fn count_requests(&mut self, ours: bool, n: usize) {
+        let n = n as u64;
+        if ours {
+            self.seqno_requests_sent += n;
+        } else {
+            self.seqno_requests_forwarded += n;
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -412,6 +435,8 @@ struct Pending {
     to: Vec<u32>,
     resends: u8,
     timeout: Duration,
+    /// We asked (rather than passed on a neighbour's request).
+    ours: bool,
 }
 
 /// A message waiting to be sent to a destination on an interface, with
@@ -1533,7 +1558,7 @@ impl Router {
             self.routes.get(&key).is_some_and(|s| s.selected().is_some()) && !was_selected_here;
         if !selected_elsewhere && !self.feasible(&key, router_id, seqno, refmetric) {
             let want = self.sources.get(&(key, router_id)).map_or(seqno, |s| s.seqno.wrapping_add(1));
-            self.send_seqno_request(now, key, router_id, want, REQUEST_HOPS, vec![nbr]);
+            self.send_seqno_request(now, key, router_id, want, REQUEST_HOPS, vec![nbr], true);
         }
         // The entry joins its datagram's group if the same update again
         // would only refresh it.
@@ -1562,6 +1587,7 @@ impl Router {
         if self.xroutes.contains(&key) {
             if router_id == self.id && seqno_newer(seqno, self.seqno) {
                 self.seqno = seqno;
+                self.stats.seqno_bumps += 1;
                 self.generation += 1;
                 self.events.push_back(Event::SeqnoChanged(self.seqno));
                 tracing::debug!(seqno, "seqno bumped on request");
@@ -1598,7 +1624,7 @@ impl Router {
         // this source and seqno is not sent again to a neighbour it went
         // to, but it does go to a new successor (our route may have moved
         // since, e.g. off the link whose loss started it all).
-        self.send_seqno_request(now, key, router_id, seqno, hop_count - 1, vec![successor]);
+        self.send_seqno_request(now, key, router_id, seqno, hop_count - 1, vec![successor], false);
     }
 
     /// Answers neighbour `nbr`'s request for `key` with our route, on its
@@ -1615,6 +1641,10 @@ impl Router {
         self.queue(iface, Destination::Multicast, msg);
     }
 
+    /// Asks neighbours `to` for seqno `seqno` of `router_id`'s route to
+    /// `key` (`ours`: we originate the request; else we pass a neighbour's
+    /// on). A request already pending goes only to those not asked yet.
+    #[allow(clippy::too_many_arguments)]
     fn send_seqno_request(
         &mut self,
         now: Instant,
@@ -1623,6 +1653,7 @@ impl Router {
         seqno: u16,
         hop_count: u8,
         to: Vec<u32>,
+        ours: bool,
     ) {
         let rid = self.route_id(key);
         if let Some(p) = self.pending.get_mut(&rid)
@@ -1632,6 +1663,7 @@ impl Router {
             // Already asked: only ask the neighbours not asked yet.
             let new: Vec<u32> = to.into_iter().filter(|t| !p.to.contains(t)).collect();
             if !new.is_empty() {
+                self.stats.count_requests(ours, new.len());
                 p.to.extend(&new);
                 let once = Pending { to: new, ..p.clone() };
                 self.emit_request(&once);
@@ -1646,7 +1678,9 @@ impl Router {
             to,
             resends: REQUEST_RESENDS,
             timeout: REQUEST_TIMEOUT,
+            ours,
         };
+        self.stats.count_requests(ours, p.to.len());
         self.emit_request(&p);
         self.schedule(now + p.timeout, Timer::Request(rid));
         self.pending.insert(rid, p);
@@ -1709,8 +1743,8 @@ impl Router {
             // lost, the requester asks again.
             self.trigger(now, *key, Urgency::Now);
         } else if !p.to.contains(&nbr) && p.hop_count >= 1 {
-            let (want_id, want, hops) = (p.router_id, p.seqno, p.hop_count);
-            self.send_seqno_request(now, *key, want_id, want, hops, vec![nbr]);
+            let (want_id, want, hops, ours) = (p.router_id, p.seqno, p.hop_count, p.ours);
+            self.send_seqno_request(now, *key, want_id, want, hops, vec![nbr], ours);
         }
     }
 
@@ -1819,7 +1853,7 @@ impl Router {
                     })
                     .collect();
                 for (rid, want, nbr) in asks {
-                    self.send_seqno_request(now, key, rid, want, REQUEST_HOPS, vec![nbr]);
+                    self.send_seqno_request(now, key, rid, want, REQUEST_HOPS, vec![nbr], true);
                 }
             }
             (None, None) => {}
@@ -1856,7 +1890,7 @@ impl Router {
             .map(|e| (e.router_id, e.seqno, e.nbr));
         if let Some((rid, seqno, nbr)) = better {
             let want = self.sources.get(&(key, rid)).map_or(seqno, |s| s.seqno.wrapping_add(1));
-            self.send_seqno_request(now, key, rid, want, REQUEST_HOPS, vec![nbr]);
+            self.send_seqno_request(now, key, rid, want, REQUEST_HOPS, vec![nbr], true);
         }
     }
 

@@ -349,6 +349,55 @@ fn requests_are_answered_where_they_came_from_once() {
     assert_eq!(with_seqno(&sent_within(&mut r, t, Duration::from_secs(1)), 2), vec![0, 1, 2]);
 }
 
+/// The counters tell the seqno requests we originate from those we pass
+/// on, and count the bumps of our own seqno that requests cause.
+#[test]
+fn seqno_requests_and_bumps_are_counted() {
+    let t0 = Instant::now();
+    let mut r = three_neighbours(t0);
+    let counts = |r: &Router| {
+        let s = r.stats();
+        (s.seqno_requests_sent, s.seqno_requests_forwarded, s.seqno_bumps)
+    };
+    // A neighbour's request for a newer seqno than ours is passed on.
+    r.handle_packet(t0, 0, ll(2), &packet(&[update("fd00:1::/64", 1, 100, 3000)]));
+    sent_within(&mut r, t0, Duration::from_secs(1));
+    let t = t0 + Duration::from_secs(1);
+    r.handle_packet(t, 2, ll(4), &packet(&[seqno_request(2)]));
+    assert_eq!(counts(&r), (0, 1, 0));
+    // Another destination, through ll(2) (196, sent on, so that is our
+    // feasibility distance) and ll(3) (200 + 256, not feasible: 200 >
+    // 196). Retracted by ll(2): we starve and ask for a new seqno, once.
+    r.handle_packet(t, 0, ll(2), &packet(&[update("fd00:2::/64", 1, 100, 3000)]));
+    r.handle_packet(t, 1, ll(3), &packet(&[update("fd00:2::/64", 1, 200, 3000)]));
+    sent_within(&mut r, t, Duration::from_secs(1));
+    let t = t + Duration::from_secs(1);
+    r.handle_packet(t, 0, ll(2), &packet(&[update("fd00:2::/64", 1, INFINITY, 3000)]));
+    let asked: Vec<_> = sent_within(&mut r, t, Duration::from_millis(100))
+        .into_iter()
+        .filter(|(_, _, m)| matches!(m, Message::SeqnoReq { seqno: 2, .. }))
+        .map(|(i, d, _)| (i, d))
+        .collect();
+    assert_eq!(asked, vec![(1, Destination::Unicast(ll(3)))]);
+    assert_eq!(counts(&r), (1, 1, 0));
+    // A request for our own prefix with a newer seqno bumps ours; one for
+    // the seqno we have does not.
+    let ours: Ipv6Net = "fd00:9::/64".parse().unwrap();
+    r.announce(t, ours, None);
+    let req = |seqno| Message::SeqnoReq {
+        prefix: IpNet::V6(ours),
+        src: None,
+        seqno,
+        hop_count: 8,
+        router_id: r.id(),
+    };
+    let (now_seqno, next) = (req(r.seqno()), req(r.seqno().wrapping_add(1)));
+    r.handle_packet(t, 2, ll(4), &packet(&[now_seqno]));
+    assert_eq!(counts(&r).2, 0);
+    r.handle_packet(t, 2, ll(4), &packet(&[next]));
+    assert_eq!(counts(&r), (1, 1, 1));
+}
+
 /// A seqno request not yet answered follows the route: when the selected
 /// route moves to another neighbour, that one is asked too; an answer
 /// through a drained interface does not count.
