@@ -404,6 +404,9 @@ struct Daemon {
     reporters: Vec<Reporter>,
 }
 
+/// A Prometheus counter by one label: (name, help, label, [(label value, count)]).
+type LabelledCounter<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, u64)]);
+
 impl Daemon {
     fn new_index(&mut self) -> u32 {
         // 24-bit indexes (boringtun shifts them left by 8).
@@ -1108,34 +1111,14 @@ impl Daemon {
                 "Received Babel updates in datagrams that repeated earlier ones, refreshed without being handled one by one.",
                 b.updates_repeated,
             ),
+            (
+                "babel_seqno_bumps_total",
+                "Times a neighbour's seqno request raised this node's own seqno.",
+                b.seqno_bumps,
+            ),
         ] {
             metric(name, help, "counter", &[(String::new(), v as f64)]);
         }
-        metric(
-            "babel_seqno_requests_total",
-            "Babel seqno requests sent, ours (a destination without a feasible route) or passed on towards the source.",
-            "counter",
-            &[
-                ("{kind=\"ours\"}".into(), b.seqno_requests_sent as f64),
-                ("{kind=\"forwarded\"}".into(), b.seqno_requests_forwarded as f64),
-            ],
-        );
-        metric(
-            "babel_seqno_bumps_total",
-            "Times a neighbour's seqno request raised this node's own seqno.",
-            "counter",
-            &[(String::new(), b.seqno_bumps as f64)],
-        );
-        metric(
-            "babel_packets_total",
-            "Babel packets by direction, and those dropped whole.",
-            "counter",
-            &[
-                ("{dir=\"in\"}".into(), b.packets_in as f64),
-                ("{dir=\"out\"}".into(), b.packets_out as f64),
-                ("{dir=\"dropped\"}".into(), b.packets_dropped as f64),
-            ],
-        );
         let counters: Vec<_> = self.core.tunnel_counters().collect();
         let per = |f: fn(&crate::node::TunnelCounters) -> u64| -> Vec<(String, f64)> {
             counters.iter().map(|(p, c)| (format!("{{peer=\"{p}\"}}"), f(c) as f64)).collect()
@@ -1152,44 +1135,56 @@ impl Daemon {
             "counter",
             &per(|c| c.rx_bytes),
         );
-        let d = self.core.drops();
-        metric(
-            "dropped_packets_total",
-            "Packets dropped, by reason.",
-            "counter",
-            &[
-                ("{reason=\"not_ipv6\"}".into(), d.not_ipv6 as f64),
-                ("{reason=\"no_route\"}".into(), d.no_route as f64),
-                ("{reason=\"bad_source\"}".into(), d.bad_source as f64),
-                ("{reason=\"hop_limit\"}".into(), d.hop_limit as f64),
-                ("{reason=\"no_tunnel\"}".into(), d.no_tunnel as f64),
-            ],
-        );
-        let st = self.stats;
-        metric(
-            "udp_datagrams_total",
-            "Datagrams on the tunnel socket.",
-            "counter",
-            &[("{kind=\"all\"}".into(), st.udp_in as f64), ("{kind=\"bad\"}".into(), st.udp_bad as f64)],
-        );
-        metric(
-            "handshakes_refused_total",
-            "Handshakes refused, by reason.",
-            "counter",
-            &[
-                ("{reason=\"unknown_key\"}".into(), st.handshakes_unknown_key as f64),
-                ("{reason=\"over_max_clients\"}".into(), st.handshakes_refused as f64),
-            ],
-        );
-        metric(
-            "certificates_total",
-            "Peer certificates checked, by result.",
-            "counter",
-            &[
-                ("{result=\"accepted\"}".into(), st.certs_accepted as f64),
-                ("{result=\"refused\"}".into(), st.certs_refused as f64),
-            ],
-        );
+        let (d, st) = (self.core.drops(), self.stats);
+        let by_label: [LabelledCounter; 6] = [
+            (
+                "babel_packets_total",
+                "Babel packets by direction, and those dropped whole.",
+                "dir",
+                &[("in", b.packets_in), ("out", b.packets_out), ("dropped", b.packets_dropped)],
+            ),
+            (
+                "babel_seqno_requests_total",
+                "Babel seqno requests sent, ours (a destination without a feasible route) or passed on towards the source.",
+                "kind",
+                &[("ours", b.seqno_requests_sent), ("forwarded", b.seqno_requests_forwarded)],
+            ),
+            (
+                "dropped_packets_total",
+                "Packets dropped, by reason.",
+                "reason",
+                &[
+                    ("not_ipv6", d.not_ipv6),
+                    ("no_route", d.no_route),
+                    ("bad_source", d.bad_source),
+                    ("hop_limit", d.hop_limit),
+                    ("no_tunnel", d.no_tunnel),
+                ],
+            ),
+            (
+                "udp_datagrams_total",
+                "Datagrams on the tunnel socket.",
+                "kind",
+                &[("all", st.udp_in), ("bad", st.udp_bad)],
+            ),
+            (
+                "handshakes_refused_total",
+                "Handshakes refused, by reason.",
+                "reason",
+                &[("unknown_key", st.handshakes_unknown_key), ("over_max_clients", st.handshakes_refused)],
+            ),
+            (
+                "certificates_total",
+                "Peer certificates checked, by result.",
+                "result",
+                &[("accepted", st.certs_accepted), ("refused", st.certs_refused)],
+            ),
+        ];
+        for (name, help, label, values) in by_label {
+            let samples: Vec<(String, f64)> =
+                values.iter().map(|(v, n)| (format!("{{{label}=\"{v}\"}}"), *n as f64)).collect();
+            metric(name, help, "counter", &samples);
+        }
         for r in &self.reporters {
             m.push_str(&(r.metrics)());
         }
