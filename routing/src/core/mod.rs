@@ -296,7 +296,7 @@ enum Timer {
 }
 
 /// Datagrams of fewer updates are handled without groups (see `repeats`).
-const REPEATABLE_MIN: usize = 2 * repeats::CHUNK;
+const REPEATABLE_MIN: usize = 16;
 /// How often route entries are checked for expiry (they are kept 3.5
 /// update intervals: this is a backstop, retractions and lost neighbours
 /// remove routes at once).
@@ -537,7 +537,7 @@ pub struct Router {
     /// once when the same datagram comes again.
     repeats: Repeats,
     /// The group the packet being handled forms, if it may repeat.
-    forming: Option<u32>,
+    forming: Option<(u32, usize)>,
     /// Whether repeated datagrams are refreshed at once (off in tests that
     /// check it changes nothing).
     repeat_shortcut: bool,
@@ -947,33 +947,114 @@ impl Router {
         for chunk in msgs.chunks(repeats::CHUNK) {
             // Our own routes echoed back are ignored, whatever the table
             // holds (a full update carries the route to its receiver).
-            let members = chunk
-                .iter()
-                .filter(|m| !matches!(m, Message::Update { router_id, .. } if *router_id == self.id))
-                .count() as u32;
-            let ch = repeats::chunk_hash(chunk);
-            if let Some(g) = self.first_group(nbr, chunk)
-                && let Some(hit) = self.repeats.lookup(nbr, ch, g)
+            let want = chunk.iter().enumerate().fold(0, |w: repeats::Places, (k, m)| {
+                w | repeats::Places::from(
+                    !matches!(m, Message::Update { router_id, .. } if *router_id == self.id),
+                ) << k
+            });
+            let hashes = repeats::chunk_hashes(chunk);
+            let group = self.first_group(nbr, chunk);
+            if let Some(g) = group
+                && let Some(hit) = self.repeats.lookup(nbr, &hashes, chunk.len(), g)
                 && hit.cost == r.cost
             {
                 self.refresh_group(now, &hit, r.default_interval);
                 filed.push((hit.group, self.repeats.serial_of(hit.group)));
                 continue;
             }
-            self.warm(nbr, chunk);
-            self.forming =
-                (members > 0).then(|| self.repeats.begin(nbr, ch, members, r.cost, r.interval, r.expires));
-            for m in chunk {
-                self.handle_message(now, nbr, from, m.clone(), None);
-            }
-            match self.forming.take().and_then(|g| self.repeats.finish(g)) {
+            // Some updates of the chunk changed (a new seqno, a metric):
+            // the others' entries are refreshed in their group, and only
+            // those are handled.
+            let reopened =
+                group.and_then(|g| self.reopen_group(now, nbr, from, &r, (chunk, &hashes, want), g));
+            let g = match reopened {
+                Some(g) => Some(g),
+                None => {
+                    self.warm(nbr, chunk);
+                    let g = if want == 0 {
+                        None
+                    } else {
+                        self.repeats.begin(nbr, &hashes, chunk.len(), want, (r.cost, r.interval), r.expires)
+                    };
+                    for (k, m) in chunk.iter().enumerate() {
+                        self.forming = g.map(|g| (g, k));
+                        self.handle_message(now, nbr, from, m.clone(), None);
+                    }
+                    self.forming = None;
+                    g
+                }
+            };
+            match g.and_then(|g| self.repeats.finish(g)) {
                 Some(g) => filed.push(g),
-                None => whole &= members == 0,
+                None => whole &= want == 0,
             }
         }
         if whole && !filed.is_empty() {
             self.repeats.file_datagram(nbr, hash, &filed);
         }
+    }
+
+    /// Handles a chunk whose updates are partly those of group `g`'s
+    /// members: if `g` was formed by a chunk like it (same length, link cost
+    /// and interval) and the updates that differ are those of members or of
+    /// entries outside `g` (never the place of a member whose update is
+    /// gone: that entry would stay in `g`, refreshed with it), the unchanged
+    /// members are refreshed in `g`, the rest are handled and join it
+    /// again. `g` (reopened: [`repeats::Repeats::finish`] closes it), or
+    /// `None` with nothing done.
+    fn reopen_group(
+        &mut self,
+        now: Instant,
+        nbr: u32,
+        from: (IfaceId, Ipv6Addr),
+        r: &Repeatable,
+        (chunk, hashes, want): (&[Message], &repeats::Hashes, repeats::Places),
+        g: u32,
+    ) -> Option<u32> {
+        if want == 0 {
+            return None;
+        }
+        let keep = self.repeats.unchanged(g, nbr, hashes, chunk.len(), r.cost, r.interval)?;
+        let redo = |k: &usize| keep & 1 << k == 0;
+        self.warm(nbr, (0..chunk.len()).filter(redo).map(|k| &chunk[k]));
+        // A member whose update changed must be the entry of the update now
+        // at its place, and handling that update must reach the entry (it
+        // does unless it is our own route echoed); an update handled now
+        // must not be that of another place's member (the same destination
+        // twice in a chunk).
+        let live = self.repeats.live(g);
+        for k in (0..chunk.len()).filter(redo) {
+            let member = live & 1 << k != 0;
+            let Message::Update { prefix: Some(IpNet::V6(p)), src, router_id, .. } = &chunk[k] else {
+                return None;
+            };
+            if *router_id == self.id {
+                if member {
+                    return None;
+                }
+                continue;
+            }
+            let place = self
+                .routes
+                .get(&(*p, v6_src(*src)?))
+                .and_then(|slot| slot.entries.get(slot.position(nbr)?))
+                .and_then(|e| e.expires.group_place())
+                .filter(|(h, _)| *h == g);
+            if place != member.then_some((g, k)) {
+                return None;
+            }
+        }
+        self.repeats.reopen(g, hashes, chunk.len(), want, r.expires);
+        let kept = u64::from(keep.count_ones());
+        self.stats.updates_in += kept;
+        self.stats.updates_repeated += kept;
+        self.min_expiry = self.min_expiry.min(r.expires);
+        for k in (0..chunk.len()).filter(redo) {
+            self.forming = Some((g, k));
+            self.handle_message(now, nbr, from, chunk[k].clone(), None);
+        }
+        self.forming = None;
+        Some(g)
     }
 
     /// The group of the entry of a chunk's first update that is not our
@@ -1495,8 +1576,8 @@ impl Router {
         {
             self.repeats.detach(e);
             e.expires = Expiry::at(expires);
-            if let Some(g) = self.forming {
-                self.repeats.join(g, e);
+            if let Some((g, k)) = self.forming {
+                self.repeats.join(g, k, e);
             }
             return;
         }
@@ -1562,7 +1643,7 @@ impl Router {
         }
         // The entry joins its datagram's group if the same update again
         // would only refresh it.
-        if let Some(g) = self.forming
+        if let Some((g, k)) = self.forming
             && let Some(slot) = self.routes.get_mut(&key)
             && slot.selected().is_some()
             && slot.next_hop(nbr, from) == next_hop
@@ -1571,7 +1652,7 @@ impl Router {
             && (e.router_id, e.seqno, e.refmetric, e.metric, e.expires)
                 == (router_id, seqno, refmetric, metric, Expiry::at(expires))
         {
-            self.repeats.join(g, e);
+            self.repeats.join(g, k, e);
         }
     }
 

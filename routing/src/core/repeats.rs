@@ -13,22 +13,33 @@
 //! instead. A datagram whose chunks all have groups is filed too: the same
 //! bytes again refresh its groups without being decoded.
 //!
+//! A chunk that comes again with some of its updates changed (a new seqno
+//! or metric travelling through the mesh, carried by the periodic full
+//! updates) need not have all its updates handled again: each member has
+//! its place in the chunk, each place the hash of its update, so the
+//! unchanged members are refreshed in their group and only the changed
+//! updates are handled, joining the group again at their places
+//! ([`Repeats::reopen`]).
+//!
 //! The router keeps the invariant that makes this exact: an entry stays in
 //! its group only while handling its update again would take the
 //! per-update shortcut: anything that changes the entry (another update,
 //! a retraction, a metric change, removal) or its destination's selection
 //! (none left) takes it out first ([`Repeats::detach`]). A group is used
-//! only while all of its members are in it.
+//! only while all of its members are in it, and reopened only when every
+//! changed place's update is that of the member there (or of no member).
 
 use super::fxhash::FxMap;
 use super::tables::{Expiry, RouteEntry, Ticks};
 use crate::wire::{Message, RouterId};
 
-/// Updates per chunk: a change spoils its chunk for one round (measured at
-/// 300 nodes with tunnels cut: of the updates that only refreshed an entry
-/// in datagrams that had changed, chunks of 4, 8 and 16 kept 83, 76 and
-/// 69 % in unchanged chunks; whole datagrams, about 38 updates, none).
-pub(super) const CHUNK: usize = 8;
+/// Updates per chunk. Before chunks were reopened, a change spoiled its
+/// chunk for a round (at 300 nodes with tunnels cut, chunks of 4, 8 and 16
+/// kept 83, 76 and 69 % of the unchanged updates in unchanged chunks), and
+/// 8 was best; reopened, 16 needs one lookup per 16 updates to find the
+/// group and saves 4.7 % of the thousand's first 360 s against 8 (one
+/// thread side by side), and 32 saves nothing more for more memory.
+pub(super) const CHUNK: usize = 16;
 
 /// A datagram's hash: 128 bits over its bytes (two Fx-style lanes, then
 /// mixed). Equal datagrams hash alike; two different datagrams of the same
@@ -53,15 +64,26 @@ pub(super) fn datagram_hash(bytes: &[u8]) -> u128 {
     (u128::from(a) << 64) | u128::from(b)
 }
 
-/// A chunk of updates' hash (128 bits, as [`datagram_hash`]): over what
-/// handling them reads, so that equal chunks hash alike wherever they are.
-pub(super) fn chunk_hash(msgs: &[Message]) -> u128 {
+/// A chunk's updates' hashes, one per place (64 bits each, over what
+/// handling the update reads; `0` past the chunk's end). Two updates that
+/// differ in one field always hash apart (each step of a lane is a
+/// bijection of the word it adds); otherwise equal hashes of different
+/// updates are a 2^-64 accident.
+pub(super) fn chunk_hashes(msgs: &[Message]) -> Hashes {
+    let mut out = [0; CHUNK];
+    for (h, m) in out.iter_mut().zip(msgs) {
+        *h = update_hash(m);
+    }
+    out
+}
+
+/// One update's hash (see [`chunk_hashes`]).
+fn update_hash(m: &Message) -> u64 {
     const K1: u64 = 0x51_7c_c1_b7_27_22_0a_95;
     const K2: u64 = 0x9e_37_79_b9_7f_4a_7c_15;
-    let (mut a, mut b) = (msgs.len() as u64, !(msgs.len() as u64));
-    let mut add = |w: u64| {
-        a = (a.rotate_left(5) ^ w).wrapping_mul(K1);
-        b = (b.rotate_left(23) ^ w).wrapping_mul(K2);
+    let Message::Update { prefix, src, router_id: RouterId(id), next_hop, seqno, metric, interval } = m
+    else {
+        return u64::MAX;
     };
     let net = |n: Option<ipnet::IpNet>| match n {
         None => (0, 0, 0),
@@ -73,25 +95,20 @@ pub(super) fn chunk_hash(msgs: &[Message]) -> u128 {
             ((bits >> 64) as u64, bits as u64, u64::from(n.prefix_len()) + 1)
         }
     };
-    for m in msgs {
-        let Message::Update { prefix, src, router_id: RouterId(id), next_hop, seqno, metric, interval } = m
-        else {
-            add(u64::MAX);
-            continue;
-        };
-        let (p1, p2, pl) = net(*prefix);
-        let (s1, s2, sl) = net(*src);
-        let hop = match next_hop {
-            None => 0,
-            Some(std::net::IpAddr::V6(a)) => u128::from(*a) ^ 1,
-            Some(std::net::IpAddr::V4(a)) => u128::from(u32::from(*a)) | 1 << 126,
-        };
-        for w in [p1, p2, s1, s2, (hop >> 64) as u64, hop as u64, u64::from_le_bytes(*id)] {
-            add(w);
-        }
-        add(pl | sl << 8 | u64::from(*seqno) << 16 | u64::from(*metric) << 32 | u64::from(*interval) << 48);
+    let (p1, p2, pl) = net(*prefix);
+    let (s1, s2, sl) = net(*src);
+    let hop = match next_hop {
+        None => 0,
+        Some(std::net::IpAddr::V6(a)) => u128::from(*a) ^ 1,
+        Some(std::net::IpAddr::V4(a)) => u128::from(u32::from(*a)) | 1 << 126,
+    };
+    let last = pl | sl << 8 | u64::from(*seqno) << 16 | u64::from(*metric) << 32 | u64::from(*interval) << 48;
+    let (mut a, mut b) = (0x2545_f491_4f6c_dd1d_u64, !0x2545_f491_4f6c_dd1d_u64);
+    for w in [p1, p2, s1, s2, (hop >> 64) as u64, hop as u64, u64::from_le_bytes(*id), last] {
+        a = (a.rotate_left(5) ^ w).wrapping_mul(K1);
+        b = (b.rotate_left(23) ^ w).wrapping_mul(K2);
     }
-    (u128::from(fmix(a)) << 64) | u128::from(fmix(b))
+    fmix(a) ^ fmix(b).rotate_left(32)
 }
 
 /// MurmurHash3's finaliser: every input bit reaches every output bit.
@@ -103,14 +120,21 @@ fn fmix(mut x: u64) -> u64 {
     x ^ (x >> 33)
 }
 
-/// The entries one chunk of updates refreshed (36 bytes).
+/// A chunk's updates' hashes, by place.
+pub(super) type Hashes = [u64; CHUNK];
+
+/// A set of places in a chunk, as bits.
+pub(super) type Places = u16;
+
+/// The entries one chunk of updates refreshed (152 bytes). Each member has
+/// its place in the chunk (its entry's [`Expiry`] says which), so that a
+/// chunk in which some updates changed refreshes the others here and has
+/// only those handled ([`Repeats::reopen`]).
 #[derive(Clone, Debug)]
 struct Group {
-    /// The chunk's hash, in words of 4 bytes (a `u128` would make the
-    /// group 16-byte aligned, hence 48 bytes).
-    hash: [u32; 4],
     nbr: u32,
-    /// Tells this group from earlier ones in its slot.
+    /// Tells this group from earlier ones in its slot, and from what it
+    /// was before it was reopened.
     serial: u32,
     /// When the members expire.
     expires: Ticks,
@@ -122,16 +146,28 @@ struct Group {
     cost: u16,
     /// The interval the updates announced (one for all).
     interval: u16,
-    /// The chunk's updates (all must be members for the group to be used).
-    members: u8,
-    /// Entries in the group now.
-    live: u8,
+    /// The chunk's length.
+    len: u8,
+    /// The places whose entries must be members for the group to be used
+    /// (not our own routes echoed).
+    want: Places,
+    /// The places whose entries are members now.
+    live: Places,
     /// Still being formed (its chunk is being handled).
     open: bool,
+    /// The chunk's updates' hashes.
+    hashes: Hashes,
 }
 
-fn words(h: u128) -> [u32; 4] {
-    [h as u32, (h >> 32) as u32, (h >> 64) as u32, (h >> 96) as u32]
+const _: () = assert!(
+    CHUNK <= Places::BITS as usize && CHUNK <= 16,
+    "places are bits of `Places` and of an entry's `Expiry`"
+);
+
+impl Group {
+    fn is_whole(&self) -> bool {
+        self.live == self.want && !self.open
+    }
 }
 
 /// A datagram filed: the other half of its hash (the first half, mixed
@@ -173,21 +209,74 @@ pub(super) struct Hit {
 }
 
 impl Repeats {
-    /// Group `g` if it is the whole group of a chunk with this hash from
+    /// Group `g` if it is the whole group of a chunk with these hashes from
     /// `nbr` (`g` is the group of the chunk's first member's entry).
-    pub fn lookup(&self, nbr: u32, hash: u128, g: u32) -> Option<Hit> {
+    pub fn lookup(&self, nbr: u32, hashes: &Hashes, len: usize, g: u32) -> Option<Hit> {
         let grp = &self.groups[g as usize];
-        (grp.nbr == nbr && grp.hash == words(hash)).then(|| self.hit(g))?
+        (grp.nbr == nbr && usize::from(grp.len) == len && grp.hashes == *hashes).then(|| self.hit(g))?
     }
 
     fn hit(&self, g: u32) -> Option<Hit> {
         let grp = &self.groups[g as usize];
-        (grp.live == grp.members && !grp.open).then_some(Hit {
+        grp.is_whole().then_some(Hit {
             group: g,
-            members: u32::from(grp.members),
+            members: grp.want.count_ones(),
             cost: grp.cost,
             interval: grp.interval,
         })
+    }
+
+    /// The places of a chunk with these hashes from `nbr` whose updates
+    /// are those of members of group `g` still in it, if `g` was formed by
+    /// a chunk of this length, link cost and interval (and is not being
+    /// formed): handling those updates again would only refresh their
+    /// entries. The chunk's other updates changed, or their entries left.
+    pub fn unchanged(
+        &self,
+        g: u32,
+        nbr: u32,
+        hashes: &Hashes,
+        len: usize,
+        cost: u16,
+        interval: u16,
+    ) -> Option<Places> {
+        let grp = &self.groups[g as usize];
+        if grp.nbr != nbr
+            || usize::from(grp.len) != len
+            || grp.cost != cost
+            || grp.interval != interval
+            || grp.open
+        {
+            return None;
+        }
+        let same = grp
+            .hashes
+            .iter()
+            .zip(hashes)
+            .enumerate()
+            .fold(0, |m: Places, (k, (a, b))| m | Places::from(a == b) << k);
+        Some(same & grp.live)
+    }
+
+    /// The places of group `g` whose entries are in it.
+    pub fn live(&self, g: u32) -> Places {
+        self.groups[g as usize].live
+    }
+
+    /// Reopens group `g` for a chunk that repeats some of its members'
+    /// updates (the places [`Repeats::unchanged`] gave: those members stay,
+    /// their expiry moved to `expires`) and changes the others, which are
+    /// handled now and join again. Under a new serial: a datagram filed
+    /// with the group as it was is not taken for this one.
+    pub fn reopen(&mut self, g: u32, hashes: &Hashes, len: usize, want: Places, expires: Ticks) {
+        self.serial = self.serial.wrapping_add(1);
+        let grp = &mut self.groups[g as usize];
+        grp.serial = self.serial;
+        grp.hashes = *hashes;
+        grp.len = len as u8;
+        grp.want = want;
+        grp.open = true;
+        grp.expires = grp.expires.max(expires);
     }
 
     /// The groups of a datagram with this hash from `nbr`, into `hits`
@@ -226,7 +315,7 @@ impl Repeats {
         self.datagrams.retain(|_, f| {
             f.groups.iter().all(|&(g, serial)| {
                 let grp = &groups[g as usize];
-                grp.serial == serial && grp.live == grp.members && !grp.open
+                grp.serial == serial && grp.is_whole()
             })
         });
         self.swept = self.datagrams.len();
@@ -243,36 +332,39 @@ impl Repeats {
         grp.expires = grp.expires.max(expires);
     }
 
-    /// Starts a group for a chunk of `members` updates being handled;
-    /// entries join it with [`Repeats::join`], and [`Repeats::finish`]
-    /// closes it.
+    /// Starts a group for a chunk of `len` updates with these hashes being
+    /// handled (the places in `want` are to join: not our own routes
+    /// echoed); entries join it with [`Repeats::join`], and
+    /// [`Repeats::finish`] closes it. None when there can be no more groups.
     pub fn begin(
         &mut self,
         nbr: u32,
-        hash: u128,
-        members: u32,
-        cost: u16,
-        interval: u16,
+        hashes: &Hashes,
+        len: usize,
+        want: Places,
+        (cost, interval): (u16, u16),
         expires: Ticks,
-    ) -> u32 {
-        debug_assert!(members as usize <= CHUNK);
+    ) -> Option<u32> {
+        debug_assert!(len <= CHUNK);
         self.serial = self.serial.wrapping_add(1);
         let grp = Group {
-            hash: words(hash),
             nbr,
             serial: self.serial,
             expires,
             cost,
             interval,
-            members: members as u8,
+            len: len as u8,
+            want,
             live: 0,
             open: true,
+            hashes: *hashes,
         };
         match self.free.pop() {
             Some(g) => {
                 self.groups[g as usize] = grp;
-                g
+                Some(g)
             }
+            None if self.groups.len() >= Expiry::MAX_GROUPS as usize => None,
             None => {
                 // Grown by a quarter, not doubled: groups are a large part
                 // of a big router's memory, and a cold start forms many.
@@ -280,18 +372,20 @@ impl Repeats {
                     self.groups.reserve_exact(self.groups.len() / 4 + 16);
                 }
                 self.groups.push(grp);
-                // Groups are fewer than entries, far fewer than 2^31.
-                (self.groups.len() - 1) as u32
+                // Below MAX_GROUPS, checked above.
+                Some((self.groups.len() - 1) as u32)
             }
         }
     }
 
     /// Puts `e` (which has just been refreshed to the group's expiry, and
-    /// is in no group) in group `g`.
-    pub fn join(&mut self, g: u32, e: &mut RouteEntry) {
+    /// is in no group) in group `g`, at place `k` of its chunk.
+    pub fn join(&mut self, g: u32, k: usize, e: &mut RouteEntry) {
         debug_assert!(e.expires.group_id().is_none());
-        self.groups[g as usize].live += 1;
-        e.expires = Expiry::group(g);
+        let grp = &mut self.groups[g as usize];
+        debug_assert!(grp.live & 1 << k == 0, "place {k} of group {g} taken twice");
+        grp.live |= 1 << k;
+        e.expires = Expiry::group(g, k);
     }
 
     /// Closes group `g` once its chunk is handled: usable if every
@@ -300,7 +394,7 @@ impl Repeats {
     pub fn finish(&mut self, g: u32) -> Option<(u32, u32)> {
         let grp = &mut self.groups[g as usize];
         grp.open = false;
-        if grp.live == grp.members {
+        if grp.live == grp.want {
             return Some((g, grp.serial));
         }
         if grp.live == 0 {
@@ -313,10 +407,10 @@ impl Repeats {
     /// expiry as its own. Must come before anything changes the entry.
     #[inline]
     pub fn detach(&mut self, e: &mut RouteEntry) {
-        let Some(g) = e.expires.group_id() else { return };
+        let Some((g, k)) = e.expires.group_place() else { return };
         let grp = &mut self.groups[g as usize];
         e.expires = Expiry::at(grp.expires);
-        grp.live -= 1;
+        grp.live &= !(1 << k);
         if grp.live == 0 && !grp.open {
             self.free.push(g);
         }
@@ -343,6 +437,13 @@ mod tests {
     use super::*;
     use crate::wire::RouterId;
 
+    /// A group is as large as its doc says (there are millions in a large
+    /// simulation).
+    #[test]
+    fn a_group_is_152_bytes() {
+        assert_eq!(size_of::<Group>(), 152);
+    }
+
     /// A datagram of any number of chunks is filed and found again whole,
     /// for its neighbour only, and no longer once one member leaves its
     /// group.
@@ -353,7 +454,7 @@ mod tests {
             let mut entries = Vec::new();
             let groups: Vec<(u32, u32)> = (0..n)
                 .map(|i| {
-                    let g = r.begin(3, u128::from(i), 1, 96, 400, Ticks(100));
+                    let g = r.begin(3, &[u64::from(i); CHUNK], 1, 1, (96, 400), Ticks(100)).expect("room");
                     let mut e = RouteEntry {
                         nbr: 3,
                         router_id: RouterId([0; 8]),
@@ -362,7 +463,7 @@ mod tests {
                         metric: 96,
                         expires: Expiry::at(Ticks(100)),
                     };
-                    r.join(g, &mut e);
+                    r.join(g, 0, &mut e);
                     entries.push(e);
                     r.finish(g).expect("whole")
                 })

@@ -270,16 +270,26 @@ impl Expiry {
         Expiry(t.0.min(GROUPED - 1))
     }
 
-    /// With group `g` (below 2^31).
-    pub fn group(g: u32) -> Self {
-        debug_assert!(g < GROUPED);
-        Expiry(GROUPED | g)
+    /// In group `g` (below [`Expiry::MAX_GROUPS`]), at place `k` of its
+    /// chunk (below 16).
+    pub fn group(g: u32, k: usize) -> Self {
+        debug_assert!(g < Self::MAX_GROUPS && k < 16);
+        Expiry(GROUPED | g << 4 | k as u32)
     }
+
+    /// Groups there can be: the low four bits are the place.
+    pub const MAX_GROUPS: u32 = 1 << 27;
 
     /// The group, if the entry expires with one.
     #[inline]
     pub fn group_id(self) -> Option<u32> {
-        (self.0 & GROUPED != 0).then_some(self.0 & !GROUPED)
+        self.group_place().map(|(g, _)| g)
+    }
+
+    /// The group and the entry's place in its chunk, if it is in one.
+    #[inline]
+    pub fn group_place(self) -> Option<(u32, usize)> {
+        (self.0 & GROUPED != 0).then_some(((self.0 & !GROUPED) >> 4, (self.0 & 15) as usize))
     }
 
     /// The time, if the entry has its own.
