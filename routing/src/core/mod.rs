@@ -884,9 +884,15 @@ impl Router {
     fn refresh_group(&mut self, now: Instant, hit: &repeats::Hit, default_interval: Duration) {
         let expires = self.update_expiry(now, hit.interval, default_interval);
         self.repeats.refresh(hit.group, expires);
+        self.count_refreshed(hit.members, expires);
+    }
+
+    /// Counts `n` updates refreshed in bulk, their entries now expiring at
+    /// `expires`.
+    fn count_refreshed(&mut self, n: u32, expires: Ticks) {
         self.min_expiry = self.min_expiry.min(expires);
-        self.stats.updates_in += u64::from(hit.members);
-        self.stats.updates_repeated += u64::from(hit.members);
+        self.stats.updates_in += u64::from(n);
+        self.stats.updates_repeated += u64::from(n);
     }
 
     /// When an entry refreshed now by an update announcing `interval`
@@ -955,7 +961,7 @@ impl Router {
             let hashes = repeats::chunk_hashes(chunk);
             let group = self.first_group(nbr, chunk);
             if let Some(g) = group
-                && let Some(hit) = self.repeats.lookup(nbr, &hashes, chunk.len(), g)
+                && let Some(hit) = self.repeats.lookup(nbr, &hashes, g)
                 && hit.cost == r.cost
             {
                 self.refresh_group(now, &hit, r.default_interval);
@@ -974,13 +980,9 @@ impl Router {
                     let g = if want == 0 {
                         None
                     } else {
-                        self.repeats.begin(nbr, &hashes, chunk.len(), want, (r.cost, r.interval), r.expires)
+                        self.repeats.begin(nbr, &hashes, want, (r.cost, r.interval), r.expires)
                     };
-                    for (k, m) in chunk.iter().enumerate() {
-                        self.forming = g.map(|g| (g, k));
-                        self.handle_message(now, nbr, from, m.clone(), None);
-                    }
-                    self.forming = None;
+                    self.handle_places(now, nbr, from, chunk, repeats::Places::MAX, g);
                     g
                 }
             };
@@ -995,8 +997,8 @@ impl Router {
     }
 
     /// Handles a chunk whose updates are partly those of group `g`'s
-    /// members: if `g` was formed by a chunk like it (same length, link cost
-    /// and interval) and the updates that differ are those of members or of
+    /// members: if `g` was formed by a chunk like it (the same but for
+    /// seqnos and metrics, link cost and interval) and the updates that differ are those of members or of
     /// entries outside `g` (never the place of a member whose update is
     /// gone: that entry would stay in `g`, refreshed with it), the unchanged
     /// members are refreshed in `g`, the rest are handled and join it
@@ -1014,7 +1016,7 @@ impl Router {
         if want == 0 {
             return None;
         }
-        let keep = self.repeats.unchanged(g, nbr, hashes, chunk.len(), r.cost, r.interval)?;
+        let keep = self.repeats.unchanged(g, nbr, hashes, r.cost, r.interval)?;
         let redo = |k: &usize| keep & 1 << k == 0;
         self.warm(nbr, (0..chunk.len()).filter(redo).map(|k| &chunk[k]));
         // A member whose update changed must be the entry of the update now
@@ -1044,17 +1046,28 @@ impl Router {
                 return None;
             }
         }
-        self.repeats.reopen(g, hashes, chunk.len(), want, r.expires);
-        let kept = u64::from(keep.count_ones());
-        self.stats.updates_in += kept;
-        self.stats.updates_repeated += kept;
-        self.min_expiry = self.min_expiry.min(r.expires);
-        for k in (0..chunk.len()).filter(redo) {
-            self.forming = Some((g, k));
-            self.handle_message(now, nbr, from, chunk[k].clone(), None);
+        self.repeats.reopen(g, hashes, want, r.expires);
+        self.count_refreshed(keep.count_ones(), r.expires);
+        self.handle_places(now, nbr, from, chunk, !keep, Some(g));
+        Some(g)
+    }
+
+    /// Handles the updates of a chunk at `places`, their entries joining
+    /// group `g` (if any) at their places.
+    fn handle_places(
+        &mut self,
+        now: Instant,
+        nbr: u32,
+        from: (IfaceId, Ipv6Addr),
+        chunk: &[Message],
+        places: repeats::Places,
+        g: Option<u32>,
+    ) {
+        for (k, m) in chunk.iter().enumerate().filter(|(k, _)| places & 1 << k != 0) {
+            self.forming = g.map(|g| (g, k));
+            self.handle_message(now, nbr, from, m.clone(), None);
         }
         self.forming = None;
-        Some(g)
     }
 
     /// The group of the entry of a chunk's first update that is not our

@@ -66,8 +66,9 @@ pub(super) fn datagram_hash(bytes: &[u8]) -> u128 {
 
 /// What a chunk of updates says, to tell which of them changed: a
 /// 128-bit hash (two Fx-style lanes, then mixed) of all but their seqnos
-/// and metrics (the destinations and sources, router-ids, next hops and
-/// intervals, in order), and each place's seqno and metric as they are.
+/// and metrics (how many updates, their destinations and sources,
+/// router-ids, next hops and intervals, in order), and each place's seqno
+/// and metric as they are.
 /// Equal chunks give equal `Hashes`; different ones that agree but for
 /// some seqnos and metrics differ only at those places; any other
 /// difference changes the hash (but for a 2^-128 accident).
@@ -156,8 +157,6 @@ struct Group {
     cost: u16,
     /// The interval the updates announced (one for all).
     interval: u16,
-    /// The chunk's length.
-    len: u8,
     /// The places whose entries must be members for the group to be used
     /// (not our own routes echoed).
     want: Places,
@@ -253,9 +252,9 @@ pub(super) struct Hit {
 impl Repeats {
     /// Group `g` if it is the whole group of a chunk with these hashes from
     /// `nbr` (`g` is the group of the chunk's first member's entry).
-    pub fn lookup(&self, nbr: u32, hashes: &Hashes, len: usize, g: u32) -> Option<Hit> {
+    pub fn lookup(&self, nbr: u32, hashes: &Hashes, g: u32) -> Option<Hit> {
         let grp = &self.groups[g as usize];
-        (grp.nbr == nbr && usize::from(grp.len) == len && grp.hashes == *hashes).then(|| self.hit(g))?
+        (grp.nbr == nbr && grp.hashes == *hashes).then(|| self.hit(g))?
     }
 
     fn hit(&self, g: u32) -> Option<Hit> {
@@ -270,28 +269,17 @@ impl Repeats {
 
     /// The places of a chunk with these hashes from `nbr` whose updates
     /// are those of members of group `g` still in it, if `g` was formed by
-    /// a chunk of this length, link cost and interval (and is not being
-    /// formed): handling those updates again would only refresh their
+    /// a chunk like it but for seqnos and metrics, with this link cost and
+    /// interval (and is not being formed): handling those updates again would only refresh their
     /// entries. The chunk's other updates changed, or their entries left.
-    pub fn unchanged(
-        &self,
-        g: u32,
-        nbr: u32,
-        hashes: &Hashes,
-        len: usize,
-        cost: u16,
-        interval: u16,
-    ) -> Option<Places> {
+    pub fn unchanged(&self, g: u32, nbr: u32, hashes: &Hashes, cost: u16, interval: u16) -> Option<Places> {
         let grp = &self.groups[g as usize];
         if grp.nbr != nbr
-            || usize::from(grp.len) != len
+            || grp.hashes.rest != hashes.rest
             || grp.cost != cost
             || grp.interval != interval
             || grp.open
         {
-            return None;
-        }
-        if grp.hashes.rest != hashes.rest {
             return None;
         }
         let same = grp
@@ -314,12 +302,11 @@ impl Repeats {
     /// their expiry moved to `expires`) and changes the others, which are
     /// handled now and join again. Under a new serial: a datagram filed
     /// with the group as it was is not taken for this one.
-    pub fn reopen(&mut self, g: u32, hashes: &Hashes, len: usize, want: Places, expires: Ticks) {
+    pub fn reopen(&mut self, g: u32, hashes: &Hashes, want: Places, expires: Ticks) {
         self.serial = self.serial.wrapping_add(1);
         let grp = &mut self.groups[g as usize];
         grp.serial = self.serial;
         grp.hashes = *hashes;
-        grp.len = len as u8;
         grp.want = want;
         grp.open = true;
         grp.expires = grp.expires.max(expires);
@@ -378,7 +365,7 @@ impl Repeats {
         grp.expires = grp.expires.max(expires);
     }
 
-    /// Starts a group for a chunk of `len` updates with these hashes being
+    /// Starts a group for a chunk of updates with these hashes being
     /// handled (the places in `want` are to join: not our own routes
     /// echoed); entries join it with [`Repeats::join`], and
     /// [`Repeats::finish`] closes it. None when there can be no more groups.
@@ -386,12 +373,10 @@ impl Repeats {
         &mut self,
         nbr: u32,
         hashes: &Hashes,
-        len: usize,
         want: Places,
         (cost, interval): (u16, u16),
         expires: Ticks,
     ) -> Option<u32> {
-        debug_assert!(len <= CHUNK);
         self.serial = self.serial.wrapping_add(1);
         let grp = Group {
             nbr,
@@ -399,7 +384,6 @@ impl Repeats {
             expires,
             cost,
             interval,
-            len: len as u8,
             want,
             live: 0,
             open: true,
@@ -501,7 +485,7 @@ mod tests {
             let groups: Vec<(u32, u32)> = (0..n)
                 .map(|i| {
                     let g = r
-                        .begin(3, &Hashes { rest: [i; 4], vals: [0; CHUNK] }, 1, 1, (96, 400), Ticks(100))
+                        .begin(3, &Hashes { rest: [i; 4], vals: [0; CHUNK] }, 1, (96, 400), Ticks(100))
                         .expect("room");
                     let mut e = RouteEntry {
                         nbr: 3,
