@@ -19,7 +19,7 @@
 #
 #   benches/bridge.sh                 # RUNS=5 SECS=8 CONN_SECS=4 CONC=16
 #
-# Needs: apt-get install -y stunnel4 iperf3 openssl python3 (./scripts/test installs them).
+# Needs: apt-get install -y stunnel4 iperf3 openssl python3 (./scripts/test installs all but iperf3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-5}

@@ -7,7 +7,8 @@
 #   sudo LEGS="raw sixmesh" benches/tunnel.sh   # only some paths (the others print 0)
 #
 # Installs nothing: apt-get install -y iperf3 wireguard-go wireguard-tools yggdrasil iproute2
-# (./scripts/test installs them). Builds `sixmesh` in release mode if needed.
+# (./scripts/test installs wireguard-go and wireguard-tools, not iperf3 nor yggdrasil, which only
+# the benchmarks use). Builds `sixmesh` in release mode if needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/ygg.sh
