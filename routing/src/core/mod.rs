@@ -998,12 +998,12 @@ impl Router {
 
     /// Handles a chunk whose updates are partly those of group `g`'s
     /// members: if `g` was formed by a chunk like it (the same but for
-    /// seqnos and metrics, link cost and interval) and the updates that differ are those of members or of
-    /// entries outside `g` (never the place of a member whose update is
-    /// gone: that entry would stay in `g`, refreshed with it), the unchanged
-    /// members are refreshed in `g`, the rest are handled and join it
-    /// again. `g` (reopened: [`repeats::Repeats::finish`] closes it), or
-    /// `None` with nothing done.
+    /// seqnos and metrics, with the same link cost and interval) and the
+    /// updates that differ are those of members or of entries outside `g`
+    /// (never the place of a member whose update is gone: that entry would
+    /// stay in `g`, refreshed with it), the unchanged members are refreshed
+    /// in `g`, the rest are handled and join it again. `g` (reopened:
+    /// [`repeats::Repeats::finish`] closes it), or `None` with nothing done.
     fn reopen_group(
         &mut self,
         now: Instant,

@@ -270,8 +270,9 @@ impl Repeats {
     /// The places of a chunk with these hashes from `nbr` whose updates
     /// are those of members of group `g` still in it, if `g` was formed by
     /// a chunk like it but for seqnos and metrics, with this link cost and
-    /// interval (and is not being formed): handling those updates again would only refresh their
-    /// entries. The chunk's other updates changed, or their entries left.
+    /// interval (and is not being formed): handling those updates again
+    /// would only refresh their entries. The chunk's other updates changed,
+    /// or their entries left.
     pub fn unchanged(&self, g: u32, nbr: u32, hashes: &Hashes, cost: u16, interval: u16) -> Option<Places> {
         let grp = &self.groups[g as usize];
         if grp.nbr != nbr

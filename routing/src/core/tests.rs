@@ -1131,11 +1131,12 @@ fn observable(r: &mut Router, now: Instant) -> String {
 /// Refreshing repeated datagrams and chunks by their groups changes
 /// nothing a router shows: two routers, one with the shortcut and one
 /// without, hear the same random sequences of full updates (repeated byte
-/// for byte, or with routes changed, with or without a triggered update
-/// first, retracted, reordered, re-timed, our own routes echoed), Hellos with changing link costs,
-/// losses and silences long enough to expire routes and neighbours, and
-/// must give the same routes, neighbours, packets, events, statistics and
-/// timers after every step. The shortcut must also have been taken.
+/// for byte, or with routes changed, announced by a triggered update or
+/// only by the next full update, retracted, reordered, re-timed, our own
+/// routes echoed), Hellos with changing link costs, losses and silences
+/// long enough to expire routes and neighbours, and must give the same
+/// routes, neighbours, packets, events, statistics and timers after every
+/// step. The shortcut must also have been taken.
 #[test]
 fn repeated_updates_refreshed_by_groups_change_nothing() {
     let (mut repeated, mut handled) = (0, 0);
